@@ -1,0 +1,3 @@
+from aiaas.cli.main import main
+
+main()

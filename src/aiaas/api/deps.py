@@ -1,0 +1,130 @@
+"""Dependencies, named once as `Annotated` aliases so routes read like signatures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, Path, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from aiaas.domain import Actor, Principal, Scope
+from aiaas.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
+from aiaas.platform import Platform
+from aiaas.services.audit import AuditService
+from aiaas.services.keys import KeyService
+from aiaas.services.tenancy import TenancyService
+
+_bearer = HTTPBearer(auto_error=False, description="An aiaas API key: `sk-aiaas-...`.")
+
+
+def get_platform(request: Request) -> Platform:
+    platform: Platform = request.app.state.platform
+    return platform
+
+
+PlatformDep = Annotated[Platform, Depends(get_platform)]
+
+
+def get_keys(platform: PlatformDep) -> KeyService:
+    return platform.keys
+
+
+def get_tenancy(platform: PlatformDep) -> TenancyService:
+    return platform.tenancy
+
+
+def get_audit(platform: PlatformDep) -> AuditService:
+    return platform.audit
+
+
+KeysDep = Annotated[KeyService, Depends(get_keys)]
+TenancyDep = Annotated[TenancyService, Depends(get_tenancy)]
+AuditDep = Annotated[AuditService, Depends(get_audit)]
+
+
+def get_principal(
+    request: Request,
+    platform: PlatformDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    try:
+        principal = platform.keys.authenticate(credentials.credentials if credentials else None)
+    except AuthenticationFailed:
+        platform.metrics.auth_failures.inc()
+        raise
+    request.state.org_id = principal.org_id or "platform"
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def require(scope: Scope) -> Callable[[Principal], Principal]:
+    def check(principal: PrincipalDep) -> Principal:
+        if not principal.has(scope):
+            raise PermissionDenied(
+                f"You have insufficient permissions for this operation. Missing scope: {scope}."
+            )
+        return principal
+
+    return check
+
+
+AdminDep = Annotated[Principal, Depends(require(Scope.ADMIN))]
+PlatformAdminDep = Annotated[Principal, Depends(require(Scope.PLATFORM_ADMIN))]
+ModelsReadDep = Annotated[Principal, Depends(require(Scope.MODELS_READ))]
+
+
+@dataclass(frozen=True, slots=True)
+class OrgContext:
+    """The organisation an org-level request acts in, and who acts."""
+
+    principal: Principal
+    org_id: str
+
+    @property
+    def actor(self) -> Actor:
+        return Actor.of(self.principal)
+
+
+def get_org_context(
+    principal: AdminDep,
+    tenancy: TenancyDep,
+    openai_organization: Annotated[
+        str | None,
+        Header(
+            alias="OpenAI-Organization",
+            pattern=ID_PATTERN,
+            description="Platform admin only: the organisation to act in.",
+        ),
+    ] = None,
+) -> OrgContext:
+    """An org key acts in its own org; the platform admin names one with a header."""
+    if principal.org_id is not None:
+        if openai_organization and openai_organization != principal.org_id:
+            tenancy.get_org(principal, openai_organization)  # 404, like any other org's object
+        return OrgContext(principal=principal, org_id=principal.org_id)
+    if not openai_organization:
+        raise InvalidRequest(
+            "A platform admin key must name an organization in the OpenAI-Organization header.",
+            param="OpenAI-Organization",
+        )
+    org = tenancy.get_org(principal, openai_organization)
+    return OrgContext(principal=principal, org_id=org.id)
+
+
+OrgContextDep = Annotated[OrgContext, Depends(get_org_context)]
+
+ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+After = Annotated[
+    str | None,
+    Query(pattern=ID_PATTERN, description="Cursor: the last id of the previous page."),
+]
+Limit = Annotated[int, Query(ge=1, le=100, description="Page size.")]
+
+
+def path_id(description: str) -> Any:
+    return Path(pattern=ID_PATTERN, description=description)

@@ -1,0 +1,133 @@
+"""Pure ASGI middleware: request context (id, access log, metrics) and the body size limit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from aiaas.errors import PayloadTooLarge
+from aiaas.observability.logs import request_id_var
+
+log = logging.getLogger("aiaas.access")
+
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class RequestContextMiddleware:
+    """Give every request an id (echoed as `x-request-id`), log it once, and count it.
+
+    The route label is the matched template (`/v1/api_keys/{key_id}`), never the raw path, so
+    metric cardinality stays bounded whatever clients send.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = _header(scope, b"x-request-id")
+        request_id = incoming if incoming and _SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append("x-request-id", request_id)
+            await send(message)
+
+        platform = getattr(scope["app"].state, "platform", None)
+        if platform is not None:
+            platform.metrics.http_in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            org = scope.get("state", {}).get("org_id") or "-"
+            log.info(
+                "%s %s %d",
+                scope["method"],
+                scope["path"],
+                status,
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                    "org": org,
+                },
+            )
+            if platform is not None:
+                platform.metrics.http_in_flight.dec()
+                labels = {"method": scope["method"], "route": route, "org": org}
+                platform.metrics.http_requests.labels(status=str(status), **labels).inc()
+                platform.metrics.http_latency.labels(**labels).observe(elapsed)
+            request_id_var.reset(token)
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over the limit: at once from Content-Length, or while streaming in."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._reject(send)
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    # An HTTPException passes through FastAPI's body parsing untouched.
+                    raise HTTPException(413, detail=self._message())
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _message(self) -> str:
+        return f"Request body is larger than the limit of {self.max_bytes} bytes."
+
+    async def _reject(self, send: Send) -> None:
+        body = json.dumps(PayloadTooLarge(self._message()).body()).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,127 @@
+"""The one error hierarchy. Raise these below `api/`; one handler renders them.
+
+ApiError                         -> {"error": {"message", "type", "param", "code"}}
+├── InvalidRequest        400    bad parameter, malformed body (code names the problem)
+│   └── ContextLengthExceeded    400 context_length_exceeded
+├── AuthenticationFailed  401    invalid_api_key: missing, malformed, unknown, revoked, expired
+├── PermissionDenied      403    insufficient_permissions: the key lacks a scope
+├── NotFound              404    not_found (also another tenant's object)
+│   └── ModelNotFound            404 model_not_found
+├── MethodNotAllowed      405
+├── Conflict              409    already exists / in use
+├── PayloadTooLarge       413    request_too_large
+├── RateLimited           429    rate_limit_exceeded (+ Retry-After)
+├── ServerError           500    server_error
+│   └── BlobIntegrityError       500 a stored blob failed authentication
+└── ServiceUnavailable    503    not ready yet
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApiError(Exception):
+    status: int = 400
+    type: str = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(ApiError):
+    status = 400
+    code = "invalid_request"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class AuthenticationFailed(ApiError):
+    status = 401
+    code = "invalid_api_key"
+
+
+class PermissionDenied(ApiError):
+    status = 403
+    code = "insufficient_permissions"
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(ApiError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class Conflict(ApiError):
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    code = "request_too_large"
+
+
+class RateLimited(ApiError):
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+
+class ServerError(ApiError):
+    status = 500
+    type = "server_error"
+    code = "server_error"
+
+
+class BlobIntegrityError(ServerError):
+    """A blob's ciphertext failed authentication: tampered, truncated or under the wrong key."""
+
+    code = "blob_integrity_error"
+
+
+class ServiceUnavailable(ApiError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class BlobNotFound(NotFound):
+    code = "blob_not_found"
+
+
+class ConfigurationError(Exception):
+    """A setting cannot be honoured; raised at start, never on a request."""

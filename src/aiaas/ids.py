@@ -1,0 +1,15 @@
+"""Public identifiers and timestamps, in one place so every table agrees on their shape."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+
+def new_id(prefix: str) -> str:
+    """`<prefix>_<24 hex>`: 96 random bits, never guessable, never a counter."""
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def now() -> float:
+    return time.time()

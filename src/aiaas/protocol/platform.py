@@ -1,0 +1,254 @@
+"""Request and response schemas of the platform API (organisations, projects, keys, audit).
+
+Requests forbid unknown fields, so a typo is a 400 naming the field instead of a silent no-op.
+Responses are built from domain objects with `from_domain`; a table row is never a response.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from aiaas.domain import ApiKey, AuditEvent, IssuedKey, Organization, Project, Scope
+
+T = TypeVar("T")
+
+# An object id as the platform issues them; anything else (NUL bytes, 10 kB junk) is a 400 here.
+IdStr = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+
+# A display name: 1-256 characters, no control characters.
+Name = Annotated[
+    str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ListResponse(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+    @classmethod
+    def of(cls, data: list[Any], *, has_more: bool) -> ListResponse[Any]:
+        return cls(
+            data=data,
+            first_id=data[0].id if data else None,
+            last_id=data[-1].id if data else None,
+            has_more=has_more,
+        )
+
+
+# -- organisations ---------------------------------------------------------------------------
+
+
+class OrganizationCreate(Request):
+    name: Name
+
+
+class OrganizationPublic(BaseModel):
+    object: Literal["organization"] = "organization"
+    id: str
+    name: str
+    created_at: int
+
+    @classmethod
+    def from_domain(cls, org: Organization) -> OrganizationPublic:
+        return cls(id=org.id, name=org.name, created_at=int(org.created_at))
+
+
+class OrganizationCreated(OrganizationPublic):
+    project_id: str = Field(description="The organisation's default project.")
+    api_key: str = Field(description="An org-admin key. Shown once; store it now.")
+
+
+# -- projects --------------------------------------------------------------------------------
+
+
+class ProjectCreate(Request):
+    name: Name
+
+
+class ProjectUpdate(Request):
+    name: Name
+
+
+class ProjectPublic(BaseModel):
+    object: Literal["project"] = "project"
+    id: str
+    name: str
+    organization_id: str
+    status: Literal["active", "archived"]
+    is_default: bool
+    created_at: int
+    archived_at: int | None
+
+    @classmethod
+    def from_domain(cls, project: Project) -> ProjectPublic:
+        return cls(
+            id=project.id,
+            name=project.name,
+            organization_id=project.org_id,
+            status=project.status.value,
+            is_default=project.is_default,
+            created_at=int(project.created_at),
+            archived_at=int(project.archived_at) if project.archived_at is not None else None,
+        )
+
+
+# -- API keys --------------------------------------------------------------------------------
+
+OrgScopeName = Literal[
+    "models:read", "inference", "files:read", "files:write", "training", "deploy", "admin"
+]
+
+
+class ApiKeyCreate(Request):
+    name: Name
+    project_id: IdStr | None = Field(
+        default=None, description="Defaults to the organisation's default project."
+    )
+    scopes: list[OrgScopeName] | None = Field(default=None, min_length=1, max_length=16)
+    role: Literal["owner", "developer", "reader"] | None = None
+    expires_in: int | None = Field(
+        default=None, ge=1, le=10 * 366 * 86400, description="Lifetime in seconds."
+    )
+
+    @model_validator(mode="after")
+    def _one_of_scopes_or_role(self) -> ApiKeyCreate:
+        if self.scopes is not None and self.role is not None:
+            raise ValueError("give either scopes or role, not both")
+        return self
+
+
+class ApiKeyPublic(BaseModel):
+    object: Literal["api_key"] = "api_key"
+    id: str
+    name: str
+    redacted_value: str
+    organization_id: str | None
+    project_id: str | None
+    scopes: list[str]
+    created_at: int
+    expires_at: int | None
+    last_used_at: int | None
+    revoked_at: int | None
+
+    @classmethod
+    def from_domain(cls, key: ApiKey) -> ApiKeyPublic:
+        def opt(value: float | None) -> int | None:
+            return int(value) if value is not None else None
+
+        return cls(
+            id=key.id,
+            name=key.name,
+            redacted_value=key.redacted_value,
+            organization_id=key.org_id,
+            project_id=key.project_id,
+            scopes=sorted(key.scopes),
+            created_at=int(key.created_at),
+            expires_at=opt(key.expires_at),
+            last_used_at=opt(key.last_used_at),
+            revoked_at=opt(key.revoked_at),
+        )
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    value: str = Field(description="The whole secret key. Shown once; store it now.")
+
+    @classmethod
+    def from_issued(cls, issued: IssuedKey) -> ApiKeyCreated:
+        return cls(**ApiKeyPublic.from_domain(issued.key).model_dump(), value=issued.secret)
+
+
+class ApiKeyDeleted(BaseModel):
+    object: Literal["api_key.deleted"] = "api_key.deleted"
+    id: str
+    deleted: bool = True
+
+
+# -- audit -----------------------------------------------------------------------------------
+
+
+class AuditActor(BaseModel):
+    type: str
+    id: str | None
+
+
+class AuditTarget(BaseModel):
+    type: str
+    id: str | None
+
+
+class AuditEventPublic(BaseModel):
+    object: Literal["audit_event"] = "audit_event"
+    id: str
+    seq: int
+    type: str
+    effective_at: float
+    organization_id: str | None
+    project_id: str | None
+    actor: AuditActor
+    target: AuditTarget
+    data: dict[str, Any]
+    hash: str
+    prev_hash: str
+
+    @classmethod
+    def from_domain(cls, event: AuditEvent) -> AuditEventPublic:
+        return cls(
+            id=event.id,
+            seq=event.seq,
+            type=event.action,
+            effective_at=event.created_at_us / 1_000_000,
+            organization_id=event.org_id,
+            project_id=event.project_id,
+            actor=AuditActor(type=event.actor.type, id=event.actor.id),
+            target=AuditTarget(type=event.target_type, id=event.target_id),
+            data=event.data,
+            hash=event.hash,
+            prev_hash=event.prev_hash,
+        )
+
+
+class AuditVerification(BaseModel):
+    object: Literal["audit.verification"] = "audit.verification"
+    ok: bool
+    events: int
+    broken_at_seq: int | None = None
+    reason: str | None = None
+
+
+__all__ = [
+    "ApiKeyCreate",
+    "ApiKeyCreated",
+    "ApiKeyDeleted",
+    "ApiKeyPublic",
+    "AuditEventPublic",
+    "AuditVerification",
+    "ErrorResponse",
+    "ListResponse",
+    "OrganizationCreate",
+    "OrganizationCreated",
+    "OrganizationPublic",
+    "ProjectCreate",
+    "ProjectPublic",
+    "ProjectUpdate",
+    "Scope",
+]

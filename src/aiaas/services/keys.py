@@ -1,0 +1,224 @@
+"""API keys: issue, authenticate, list and revoke.
+
+A key is `sk-aiaas-<id>-<secret>`. The id part finds the row; the secret is checked as an
+HMAC-SHA256 under a server-side pepper and compared in constant time. The secret itself is never
+stored or logged. An unknown id still costs one HMAC and one comparison, so response time does
+not reveal which ids exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import string
+from dataclasses import dataclass
+
+from sqlalchemy import Connection
+
+from aiaas.domain import Actor, ApiKey, IssuedKey, Page, Principal, ProjectStatus, Scope
+from aiaas.errors import AuthenticationFailed, InvalidRequest, NotFound
+from aiaas.ids import now
+from aiaas.services.audit import AuditService
+from aiaas.storage.db import Database
+from aiaas.storage.repos import keys as keys_repo
+from aiaas.storage.repos import tenancy as tenancy_repo
+
+KEY_PREFIX = "sk-aiaas-"
+_ID_HEX = 16
+_SECRET_ALPHABET = string.ascii_letters + string.digits
+_SECRET_LEN = 43  # ~256 bits of base62
+_LAST_USED_RESOLUTION = 60.0  # seconds; last_used_at is written at most this often
+_DUMMY_HMAC = "0" * 64
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """What a new key may do and for how long."""
+
+    name: str
+    scopes: frozenset[Scope]
+    expires_at: float | None = None
+
+
+def _parse(token: str) -> tuple[str, str] | None:
+    if not token.startswith(KEY_PREFIX):
+        return None
+    id_part, sep, secret = token.removeprefix(KEY_PREFIX).partition("-")
+    valid_id = len(id_part) == _ID_HEX and all(c in string.hexdigits for c in id_part)
+    if not sep or not valid_id or len(secret) != _SECRET_LEN:
+        return None
+    return f"key_{id_part.lower()}", secret
+
+
+class KeyService:
+    def __init__(self, db: Database, *, pepper: bytes, audit: AuditService) -> None:
+        self._db = db
+        self._pepper = pepper
+        self._audit = audit
+
+    def _hmac(self, secret: str) -> str:
+        return hmac.new(self._pepper, secret.encode(), hashlib.sha256).hexdigest()
+
+    # -- issuing -------------------------------------------------------------------------------
+
+    def issue(
+        self,
+        conn: Connection,
+        *,
+        org_id: str | None,
+        project_id: str | None,
+        spec: KeySpec,
+        actor: Actor,
+    ) -> IssuedKey:
+        """Create a key inside the caller's transaction and audit it there."""
+        id_hex = secrets.token_hex(_ID_HEX // 2)
+        secret = "".join(secrets.choice(_SECRET_ALPHABET) for _ in range(_SECRET_LEN))
+        key = ApiKey(
+            id=f"key_{id_hex}",
+            org_id=org_id,
+            project_id=project_id,
+            name=spec.name,
+            hint=secret[-4:],
+            scopes=spec.scopes,
+            created_by=actor.id,
+            created_at=now(),
+            expires_at=spec.expires_at,
+            revoked_at=None,
+            last_used_at=None,
+        )
+        keys_repo.insert_key(conn, key=key, secret_hmac=self._hmac(secret))
+        self._audit.record(
+            conn,
+            actor=actor,
+            action="api_key.created",
+            target_type="api_key",
+            target_id=key.id,
+            org_id=org_id,
+            project_id=project_id,
+            data={"name": spec.name, "scopes": sorted(spec.scopes), "expires_at": spec.expires_at},
+        )
+        return IssuedKey(key=key, secret=f"{KEY_PREFIX}{id_hex}-{secret}")
+
+    def ensure_platform_admin_key(self) -> IssuedKey | None:
+        """Create the operator's key on first start; None when a live one already exists."""
+        with self._db.write() as conn:
+            if keys_repo.count_live_platform_keys(conn):
+                return None
+            return self.issue(
+                conn,
+                org_id=None,
+                project_id=None,
+                spec=KeySpec(name="platform-admin", scopes=frozenset({Scope.PLATFORM_ADMIN})),
+                actor=Actor(type="system"),
+            )
+
+    # -- authentication ------------------------------------------------------------------------
+
+    def authenticate(self, token: str | None) -> Principal:
+        if not token:
+            raise AuthenticationFailed(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
+            )
+        parsed = _parse(token)
+        if parsed is None:
+            raise AuthenticationFailed("Incorrect API key provided: it is not an aiaas key.")
+        key_id, secret = parsed
+        with self._db.read() as conn:
+            found = keys_repo.get_for_auth(conn, key_id)
+            stored = found[1] if found else _DUMMY_HMAC
+            matches = hmac.compare_digest(self._hmac(secret), stored)
+            if found is None or not matches:
+                raise AuthenticationFailed("Incorrect API key provided.")
+            key = found[0]
+            self._check_live(conn, key)
+        self._touch(key)
+        return Principal(
+            key_id=key.id, org_id=key.org_id, project_id=key.project_id, scopes=key.scopes
+        )
+
+    def _check_live(self, conn: Connection, key: ApiKey) -> None:
+        at = now()
+        if key.revoked_at is not None:
+            raise AuthenticationFailed("This API key has been revoked.")
+        if key.expires_at is not None and key.expires_at <= at:
+            raise AuthenticationFailed("This API key has expired.")
+        if key.org_id is not None and key.project_id is not None:
+            project = tenancy_repo.get_project(conn, org_id=key.org_id, project_id=key.project_id)
+            if project is None or project.status is not ProjectStatus.ACTIVE:
+                raise AuthenticationFailed("This API key's project has been archived.")
+
+    def _touch(self, key: ApiKey) -> None:
+        at = now()
+        if key.last_used_at is not None and at - key.last_used_at < _LAST_USED_RESOLUTION:
+            return
+        with self._db.write() as conn:
+            keys_repo.touch_last_used(
+                conn, key_id=key.id, at=at, older_than=at - _LAST_USED_RESOLUTION
+            )
+
+    # -- org admin use cases -------------------------------------------------------------------
+
+    def create(
+        self, *, org_id: str, project_id: str | None, spec: KeySpec, actor: Actor
+    ) -> IssuedKey:
+        with self._db.write() as conn:
+            if project_id is None:
+                project = tenancy_repo.default_project(conn, org_id=org_id)
+            else:
+                project = tenancy_repo.get_project(conn, org_id=org_id, project_id=project_id)
+            if project is None:
+                raise NotFound(f"No project with id {project_id!r}.", param="project_id")
+            if project.status is not ProjectStatus.ACTIVE:
+                raise InvalidRequest(
+                    f"Project {project.id!r} is archived; it takes no new keys.",
+                    param="project_id",
+                )
+            return self.issue(conn, org_id=org_id, project_id=project.id, spec=spec, actor=actor)
+
+    def list(
+        self,
+        *,
+        org_id: str,
+        project_id: str | None,
+        include_revoked: bool,
+        after: str | None,
+        limit: int,
+    ) -> Page[ApiKey]:
+        with self._db.read() as conn:
+            return keys_repo.list_keys(
+                conn,
+                org_id=org_id,
+                project_id=project_id,
+                include_revoked=include_revoked,
+                after=after,
+                limit=limit,
+            )
+
+    def get(self, *, org_id: str, key_id: str) -> ApiKey:
+        with self._db.read() as conn:
+            key = keys_repo.get_key(conn, org_id=org_id, key_id=key_id)
+        if key is None:
+            raise NotFound(f"No API key with id {key_id!r}.", param="key_id")
+        return key
+
+    def revoke(self, *, org_id: str, key_id: str, actor: Actor) -> ApiKey:
+        with self._db.write() as conn:
+            key = keys_repo.get_key(conn, org_id=org_id, key_id=key_id)
+            if key is None:
+                raise NotFound(f"No API key with id {key_id!r}.", param="key_id")
+            if key.revoked_at is None:
+                keys_repo.revoke_key(conn, key_id=key_id)
+                self._audit.record(
+                    conn,
+                    actor=actor,
+                    action="api_key.revoked",
+                    target_type="api_key",
+                    target_id=key_id,
+                    org_id=org_id,
+                    project_id=key.project_id,
+                    data={"name": key.name},
+                )
+            revoked = keys_repo.get_key(conn, org_id=org_id, key_id=key_id)
+        assert revoked is not None
+        return revoked

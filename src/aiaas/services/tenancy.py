@@ -1,0 +1,155 @@
+"""Organisations and projects: the tenants of the platform and their workspaces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Connection
+
+from aiaas.domain import ORG_SCOPES, Actor, IssuedKey, Organization, Page, Principal, Project
+from aiaas.errors import InvalidRequest, NotFound
+from aiaas.services.audit import AuditService
+from aiaas.services.keys import KeyService, KeySpec
+from aiaas.storage.db import Database
+from aiaas.storage.repos import tenancy as tenancy_repo
+
+DEFAULT_PROJECT_NAME = "Default project"
+
+
+@dataclass(frozen=True, slots=True)
+class NewOrganization:
+    org: Organization
+    project: Project
+    admin_key: IssuedKey
+
+
+class TenancyService:
+    def __init__(self, db: Database, *, keys: KeyService, audit: AuditService) -> None:
+        self._db = db
+        self._keys = keys
+        self._audit = audit
+
+    # -- organisations -------------------------------------------------------------------------
+
+    def create_org(self, *, name: str, actor: Actor) -> NewOrganization:
+        """An organisation, its default project and an org-admin key, all or nothing."""
+        with self._db.write() as conn:
+            org = tenancy_repo.create_org(conn, name=name)
+            self._audit.record(
+                conn,
+                actor=actor,
+                action="organization.created",
+                target_type="organization",
+                target_id=org.id,
+                org_id=org.id,
+                data={"name": name},
+            )
+            project = self._create_project(
+                conn, org_id=org.id, name=DEFAULT_PROJECT_NAME, is_default=True, actor=actor
+            )
+            key = self._keys.issue(
+                conn,
+                org_id=org.id,
+                project_id=project.id,
+                spec=KeySpec(name="org-admin", scopes=ORG_SCOPES),
+                actor=actor,
+            )
+        return NewOrganization(org=org, project=project, admin_key=key)
+
+    def list_orgs(
+        self, principal: Principal, *, after: str | None, limit: int
+    ) -> Page[Organization]:
+        only = None if principal.is_platform_admin else principal.org_id
+        with self._db.read() as conn:
+            return tenancy_repo.list_orgs(conn, only_id=only, after=after, limit=limit)
+
+    def get_org(self, principal: Principal, org_id: str) -> Organization:
+        """The org, if the caller may see it; otherwise a 404 just like a missing one."""
+        visible = principal.is_platform_admin or principal.org_id == org_id
+        with self._db.read() as conn:
+            org = tenancy_repo.get_org(conn, org_id) if visible else None
+        if org is None:
+            raise NotFound(f"No organization with id {org_id!r}.", param="org_id")
+        return org
+
+    # -- projects ------------------------------------------------------------------------------
+
+    def _create_project(
+        self, conn: Connection, *, org_id: str, name: str, is_default: bool, actor: Actor
+    ) -> Project:
+        project = tenancy_repo.create_project(conn, org_id=org_id, name=name, is_default=is_default)
+        self._audit.record(
+            conn,
+            actor=actor,
+            action="project.created",
+            target_type="project",
+            target_id=project.id,
+            org_id=org_id,
+            project_id=project.id,
+            data={"name": name},
+        )
+        return project
+
+    def create_project(self, *, org_id: str, name: str, actor: Actor) -> Project:
+        with self._db.write() as conn:
+            return self._create_project(
+                conn, org_id=org_id, name=name, is_default=False, actor=actor
+            )
+
+    def list_projects(
+        self, *, org_id: str, include_archived: bool, after: str | None, limit: int
+    ) -> Page[Project]:
+        with self._db.read() as conn:
+            return tenancy_repo.list_projects(
+                conn, org_id=org_id, include_archived=include_archived, after=after, limit=limit
+            )
+
+    def get_project(self, *, org_id: str, project_id: str) -> Project:
+        with self._db.read() as conn:
+            project = tenancy_repo.get_project(conn, org_id=org_id, project_id=project_id)
+        if project is None:
+            raise NotFound(f"No project with id {project_id!r}.", param="project_id")
+        return project
+
+    def rename_project(self, *, org_id: str, project_id: str, name: str, actor: Actor) -> Project:
+        with self._db.write() as conn:
+            project = tenancy_repo.get_project(conn, org_id=org_id, project_id=project_id)
+            if project is None:
+                raise NotFound(f"No project with id {project_id!r}.", param="project_id")
+            tenancy_repo.rename_project(conn, org_id=org_id, project_id=project_id, name=name)
+            self._audit.record(
+                conn,
+                actor=actor,
+                action="project.updated",
+                target_type="project",
+                target_id=project_id,
+                org_id=org_id,
+                project_id=project_id,
+                data={"name": name, "previous_name": project.name},
+            )
+            renamed = tenancy_repo.get_project(conn, org_id=org_id, project_id=project_id)
+        assert renamed is not None
+        return renamed
+
+    def archive_project(self, *, org_id: str, project_id: str, actor: Actor) -> Project:
+        """Archive a project; its keys stop working at once. The default project stays."""
+        with self._db.write() as conn:
+            project = tenancy_repo.get_project(conn, org_id=org_id, project_id=project_id)
+            if project is None:
+                raise NotFound(f"No project with id {project_id!r}.", param="project_id")
+            if project.is_default:
+                raise InvalidRequest("The default project cannot be archived.", param="project_id")
+            if project.archived_at is None:
+                tenancy_repo.archive_project(conn, org_id=org_id, project_id=project_id)
+                self._audit.record(
+                    conn,
+                    actor=actor,
+                    action="project.archived",
+                    target_type="project",
+                    target_id=project_id,
+                    org_id=org_id,
+                    project_id=project_id,
+                )
+            archived = tenancy_repo.get_project(conn, org_id=org_id, project_id=project_id)
+        assert archived is not None
+        return archived

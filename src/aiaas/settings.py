@@ -1,0 +1,88 @@
+"""Every knob of the platform, read from `AIAAS_*` environment variables.
+
+The defaults are the embedded mode: SQLite and local files under `AIAAS_DATA_DIR`, everything in
+one process. A `Settings` object is built by the caller (CLI or test) and handed to
+`create_app(settings)`; nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUNDLED_MODELS = ("smollm2-135m-instruct", "gemma-3-270m", "all-minilm-l6-v2")
+
+
+def decode_key_material(value: str, *, name: str) -> bytes:
+    """A 32-byte secret given as 64 hex characters or as (urlsafe) base64."""
+    text = value.strip()
+    try:
+        raw = bytes.fromhex(text) if len(text) == 64 else base64.urlsafe_b64decode(text + "==")
+    except (ValueError, binascii.Error) as exc:
+        raise ValueError(f"{name} must be 32 bytes as hex or base64") from exc
+    if len(raw) != 32:
+        raise ValueError(f"{name} must decode to 32 bytes, got {len(raw)}")
+    return raw
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AIAAS_", extra="ignore", frozen=True)
+
+    data_dir: Path = Field(
+        default=Path(".aiaas"), description="Where the embedded mode keeps state."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default is SQLite in the data dir."
+    )
+    blob_url: str | None = Field(
+        default=None, description="Blob store URL; default is local files in the data dir."
+    )
+    redis_url: str | None = None
+    executor: str = "local"
+    master_key: SecretStr | None = Field(
+        default=None, description="32-byte key (hex or base64) that wraps the per-org data keys."
+    )
+    key_pepper: SecretStr | None = Field(
+        default=None, description="32-byte server secret for API-key HMACs (hex or base64)."
+    )
+    models: str = ",".join(BUNDLED_MODELS)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_key_lifetime_days: int = Field(default=3650, ge=1)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _check_secrets(self) -> Settings:
+        # Refuse a malformed secret at start rather than on the first request that needs it.
+        if self.master_key is not None:
+            decode_key_material(self.master_key.get_secret_value(), name="AIAAS_MASTER_KEY")
+        if self.key_pepper is not None:
+            decode_key_material(self.key_pepper.get_secret_value(), name="AIAAS_KEY_PEPPER")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'aiaas.db'}"
+
+    @property
+    def resolved_blob_url(self) -> str:
+        return self.blob_url or f"file://{self.data_dir / 'blobs'}"
+
+    @property
+    def model_ids(self) -> list[str]:
+        return [m.strip() for m in self.models.split(",") if m.strip()]
+
+    @property
+    def admin_key_path(self) -> Path:
+        return self.data_dir / "admin-key"

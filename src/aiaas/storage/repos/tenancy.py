@@ -1,0 +1,145 @@
+"""Organisations and projects. Only this module writes their tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, Row, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from aiaas.domain import Organization, Page, Project, ProjectStatus
+from aiaas.errors import Conflict
+from aiaas.ids import new_id, now
+from aiaas.storage.repos.paging import fetch_page
+from aiaas.storage.tables import organizations, projects
+
+
+def _org(row: Row[Any]) -> Organization:
+    return Organization(id=row.id, name=row.name, weight=row.weight, created_at=row.created_at)
+
+
+def _project(row: Row[Any]) -> Project:
+    return Project(
+        id=row.id,
+        org_id=row.org_id,
+        name=row.name,
+        is_default=bool(row.is_default),
+        status=ProjectStatus(row.status),
+        created_at=row.created_at,
+        archived_at=row.archived_at,
+    )
+
+
+def create_org(conn: Connection, *, name: str, weight: float = 1.0) -> Organization:
+    org = Organization(id=new_id("org"), name=name, weight=weight, created_at=now())
+    taken = conn.execute(
+        select(func.count()).select_from(organizations).where(organizations.c.name == name)
+    ).scalar_one()
+    if taken:
+        raise Conflict(f"an organization named {name!r} already exists", param="name")
+    try:
+        with conn.begin_nested():
+            conn.execute(
+                insert(organizations).values(
+                    id=org.id, name=org.name, weight=org.weight, created_at=org.created_at
+                )
+            )
+    except IntegrityError as exc:
+        raise Conflict(f"an organization named {name!r} already exists", param="name") from exc
+    return org
+
+
+def get_org(conn: Connection, org_id: str) -> Organization | None:
+    row = conn.execute(select(organizations).where(organizations.c.id == org_id)).first()
+    return _org(row) if row else None
+
+
+def list_orgs(
+    conn: Connection, *, only_id: str | None, after: str | None, limit: int
+) -> Page[Organization]:
+    where = [organizations.c.id == only_id] if only_id is not None else []
+    rows, more = fetch_page(conn, organizations, where=where, after=after, limit=limit)
+    return Page(items=[_org(r) for r in rows], has_more=more)
+
+
+def create_project(
+    conn: Connection, *, org_id: str, name: str, is_default: bool = False
+) -> Project:
+    project = Project(
+        id=new_id("proj"),
+        org_id=org_id,
+        name=name,
+        is_default=is_default,
+        status=ProjectStatus.ACTIVE,
+        created_at=now(),
+        archived_at=None,
+    )
+    taken = conn.execute(
+        select(func.count())
+        .select_from(projects)
+        .where(projects.c.org_id == org_id, projects.c.name == name)
+    ).scalar_one()
+    if taken:
+        raise Conflict(f"a project named {name!r} already exists", param="name")
+    try:
+        with conn.begin_nested():
+            conn.execute(
+                insert(projects).values(
+                    id=project.id,
+                    org_id=org_id,
+                    name=name,
+                    is_default=int(is_default),
+                    status=project.status.value,
+                    created_at=project.created_at,
+                )
+            )
+    except IntegrityError as exc:
+        raise Conflict(f"a project named {name!r} already exists", param="name") from exc
+    return project
+
+
+def get_project(conn: Connection, *, org_id: str, project_id: str) -> Project | None:
+    row = conn.execute(
+        select(projects).where(projects.c.id == project_id, projects.c.org_id == org_id)
+    ).first()
+    return _project(row) if row else None
+
+
+def default_project(conn: Connection, *, org_id: str) -> Project | None:
+    row = conn.execute(
+        select(projects).where(projects.c.org_id == org_id, projects.c.is_default == 1)
+    ).first()
+    return _project(row) if row else None
+
+
+def list_projects(
+    conn: Connection, *, org_id: str, include_archived: bool, after: str | None, limit: int
+) -> Page[Project]:
+    where = [projects.c.org_id == org_id]
+    if not include_archived:
+        where.append(projects.c.status == ProjectStatus.ACTIVE.value)
+    rows, more = fetch_page(conn, projects, where=where, after=after, limit=limit)
+    return Page(items=[_project(r) for r in rows], has_more=more)
+
+
+def rename_project(conn: Connection, *, org_id: str, project_id: str, name: str) -> None:
+    clash = conn.execute(
+        select(func.count())
+        .select_from(projects)
+        .where(projects.c.org_id == org_id, projects.c.name == name, projects.c.id != project_id)
+    ).scalar_one()
+    if clash:
+        raise Conflict(f"a project named {name!r} already exists", param="name")
+    conn.execute(
+        update(projects)
+        .where(projects.c.id == project_id, projects.c.org_id == org_id)
+        .values(name=name)
+    )
+
+
+def archive_project(conn: Connection, *, org_id: str, project_id: str) -> None:
+    conn.execute(
+        update(projects)
+        .where(projects.c.id == project_id, projects.c.org_id == org_id)
+        .values(status=ProjectStatus.ARCHIVED.value, archived_at=now())
+    )
