@@ -69,7 +69,12 @@ class Platform:
             db.close()
             raise
         audit = AuditService(db)
-        keys = KeyService(db, pepper=pepper, audit=audit)
+        keys = KeyService(
+            db,
+            pepper=pepper,
+            audit=audit,
+            max_lifetime_s=settings.max_key_lifetime_days * 86400.0,
+        )
         return cls(
             settings=settings,
             db=db,

@@ -145,3 +145,17 @@ def test_platform_admin_acts_in_an_org_through_the_header(server: Server) -> Non
         assert listed.status_code == 200
         assert [p["id"] for p in listed.json()["data"]] == [org.project_id]
         assert_error(client.get("/v1/projects", headers={"OpenAI-Organization": "org_nope"}), 404)
+
+
+def test_key_lifetime_is_capped_by_the_setting(make_server) -> None:
+    server = make_server("sqlite", max_key_lifetime_days="1")
+    server.start()
+    org = create_org(server)
+    with server.client(org.api_key) as client:
+        error = assert_error(
+            client.post("/v1/api_keys", json={"name": "long", "expires_in": 2 * 86400}), 400
+        )
+        assert error["param"] == "expires_in"
+        ok = client.post("/v1/api_keys", json={"name": "short", "expires_in": 3600})
+    assert ok.status_code == 201
+    server.stop()

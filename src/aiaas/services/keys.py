@@ -52,10 +52,13 @@ def _parse(token: str) -> tuple[str, str] | None:
 
 
 class KeyService:
-    def __init__(self, db: Database, *, pepper: bytes, audit: AuditService) -> None:
+    def __init__(
+        self, db: Database, *, pepper: bytes, audit: AuditService, max_lifetime_s: float
+    ) -> None:
         self._db = db
         self._pepper = pepper
         self._audit = audit
+        self._max_lifetime_s = max_lifetime_s
 
     def _hmac(self, secret: str) -> str:
         return hmac.new(self._pepper, secret.encode(), hashlib.sha256).hexdigest()
@@ -162,6 +165,11 @@ class KeyService:
     def create(
         self, *, org_id: str, project_id: str | None, spec: KeySpec, actor: Actor
     ) -> IssuedKey:
+        if spec.expires_at is not None and spec.expires_at - now() > self._max_lifetime_s:
+            days = self._max_lifetime_s / 86400
+            raise InvalidRequest(
+                f"A key may live at most {days:g} days on this platform.", param="expires_in"
+            )
         with self._db.write() as conn:
             if project_id is None:
                 project = tenancy_repo.default_project(conn, org_id=org_id)
