@@ -16,7 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
 from aiaas import __version__
-from aiaas.api import api_keys, audit, health, models, organizations, projects
+from aiaas.api import api_keys, audit, health, llm, models, organizations, projects
 from aiaas.api.errors import install_error_handlers
 from aiaas.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from aiaas.domain import IssuedKey
@@ -52,6 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
             issued = await run_in_threadpool(platform.bootstrap_admin_key)
             if issued is not None:
                 _announce_admin_key(issued, settings)
+            platform.start_models()
             app.state.platform = platform
             yield
         finally:
@@ -69,6 +70,7 @@ def create_app(settings: Settings) -> FastAPI:
     for router in (
         health.router,
         models.router,
+        llm.router,
         organizations.router,
         projects.router,
         api_keys.router,

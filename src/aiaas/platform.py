@@ -6,6 +6,8 @@ it applies migrations, loads the secrets and builds the services. It holds no bu
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,15 +15,22 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from aiaas.domain import IssuedKey
+from aiaas.engines.llm.bundled import BUNDLED_GGUF
+from aiaas.engines.llm.engine import EngineConfig
+from aiaas.engines.pool import LlmSpec, ModelPool
+from aiaas.errors import ConfigurationError
 from aiaas.observability.metrics import Metrics
 from aiaas.services.audit import AuditService
+from aiaas.services.inference import InferenceService
 from aiaas.services.keys import KeyService
 from aiaas.services.tenancy import TenancyService
-from aiaas.settings import Settings
+from aiaas.settings import BUNDLED_MODELS, Settings
 from aiaas.storage.blobs import EncryptedBlobStore, open_blob_store
 from aiaas.storage.crypto import KeyRing, load_or_create_secret
 from aiaas.storage.db import Database
 from aiaas.storage.repos.data_keys import DataKeyRepo
+
+log = logging.getLogger("aiaas.platform")
 
 
 @dataclass
@@ -46,6 +55,8 @@ class Platform:
     tenancy: TenancyService
     metrics: Metrics
     readiness: Readiness
+    pool: ModelPool
+    inference: InferenceService
 
     @classmethod
     def open(cls, settings: Settings) -> Platform:
@@ -75,6 +86,18 @@ class Platform:
             audit=audit,
             max_lifetime_s=settings.max_key_lifetime_days * 86400.0,
         )
+        metrics = Metrics()
+        pool = ModelPool(
+            EngineConfig(
+                n_slots=settings.llm_slots,
+                n_ctx=settings.llm_kv_cells,
+                context_length=settings.llm_context_length,
+                n_batch=settings.llm_batch,
+                n_threads=settings.llm_threads,
+                max_waiting=settings.llm_max_waiting,
+            )
+        )
+        metrics.watch_engines(lambda: [(m.id, m.engine.stats()) for m in pool.llms()])
         return cls(
             settings=settings,
             db=db,
@@ -83,9 +106,17 @@ class Platform:
             audit=audit,
             keys=keys,
             tenancy=TenancyService(db, keys=keys, audit=audit),
-            metrics=Metrics(),
+            metrics=metrics,
             readiness=Readiness(),
+            pool=pool,
+            inference=InferenceService(pool, metrics),
         )
+
+    def start_models(self) -> None:
+        """Load the configured models in the background; `/health` is 503 until they are in."""
+        specs = llm_specs(self.settings)
+        self.readiness.loading.update(spec.id for spec in specs)
+        self.pool.load_in_background(specs, on_done=self.readiness.loading.discard)
 
     def bootstrap_admin_key(self) -> IssuedKey | None:
         """On the first start, create the operator's key and save it (mode 0600)."""
@@ -95,8 +126,28 @@ class Platform:
         return issued
 
     def close(self) -> None:
+        self.pool.close()
         self.blobs.close()
         self.db.close()
+
+
+def llm_specs(settings: Settings) -> list[LlmSpec]:
+    """The GGUF models to load: the bundled ones named in AIAAS_MODELS, then AIAAS_GGUF_MODELS."""
+    cache = settings.data_dir / "models"
+    specs = []
+    for model_id in settings.model_ids:
+        if model_id in BUNDLED_GGUF:
+            locate = BUNDLED_GGUF[model_id]
+            specs.append(LlmSpec(id=model_id, locate=functools.partial(locate, cache)))
+        elif model_id in BUNDLED_MODELS:
+            log.warning("bundled model %s has no engine in this build yet; skipping it", model_id)
+        else:
+            raise ConfigurationError(
+                f"AIAAS_MODELS names {model_id!r}; bundled models are {', '.join(BUNDLED_MODELS)}"
+            )
+    for model_id, path in settings.extra_gguf.items():
+        specs.append(LlmSpec(id=model_id, locate=functools.partial(lambda p: p, path)))
+    return specs
 
 
 def _secret(value: SecretStr | None) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -53,6 +54,21 @@ class Settings(BaseSettings):
         default=None, description="32-byte server secret for API-key HMACs (hex or base64)."
     )
     models: str = ",".join(BUNDLED_MODELS)
+    gguf_models: str = Field(
+        default="", description="Extra GGUF models to serve: 'id=/path/model.gguf,id2=/path2'."
+    )
+    llm_slots: int = Field(default=16, ge=1, le=256, description="Sequences decoded together.")
+    llm_kv_cells: int = Field(
+        default=16384, ge=256, description="KV-cache tokens per LLM, shared by its slots."
+    )
+    llm_context_length: int = Field(
+        default=4096, ge=64, description="Most tokens (prompt + completion) per request."
+    )
+    llm_batch: int = Field(default=512, ge=16, le=8192, description="Tokens per decode step.")
+    llm_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    llm_max_waiting: int = Field(
+        default=256, ge=1, description="Queued requests per model before 429."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_key_lifetime_days: int = Field(default=3650, ge=1)
@@ -64,6 +80,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_secrets(self) -> Settings:
+        _ = self.extra_gguf  # a malformed list fails at start
         # Refuse a malformed secret at start rather than on the first request that needs it.
         if self.master_key is not None:
             decode_key_material(self.master_key.get_secret_value(), name="AIAAS_MASTER_KEY")
@@ -82,6 +99,16 @@ class Settings(BaseSettings):
     @property
     def model_ids(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()]
+
+    @property
+    def extra_gguf(self) -> dict[str, Path]:
+        out: dict[str, Path] = {}
+        for entry in filter(None, (e.strip() for e in self.gguf_models.split(","))):
+            model_id, sep, path = entry.partition("=")
+            if not sep or not model_id.strip() or not path.strip():
+                raise ValueError(f"AIAAS_GGUF_MODELS entry {entry!r} is not 'id=/path/file.gguf'")
+            out[model_id.strip()] = Path(path.strip()).expanduser()
+        return out
 
     @property
     def admin_key_path(self) -> Path:

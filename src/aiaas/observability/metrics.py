@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from aiaas.engines.llm.engine import EngineStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -34,5 +40,58 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.llm_ttft = Histogram(
+            "aiaas_llm_time_to_first_token_seconds",
+            "Time from a generation request to its first token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.llm_tokens = Counter(
+            "aiaas_llm_tokens",
+            "Prompt and completion tokens, by model and organisation.",
+            ["model", "org", "kind"],
+            registry=self.registry,
+        )
+
+    def watch_engines(self, source: Callable[[], Iterable[tuple[str, EngineStats]]]) -> None:
+        """Export engine state (slots, queue, KV) read at scrape time, never cached."""
+        self.registry.register(_EngineCollector(source))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, source: Callable[[], Iterable[tuple[str, EngineStats]]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        slots = GaugeMetricFamily(
+            "aiaas_llm_slots", "Sequence slots of the engine.", labels=["model"]
+        )
+        busy = GaugeMetricFamily(
+            "aiaas_llm_slots_busy", "Slots holding a request now.", labels=["model"]
+        )
+        waiting = GaugeMetricFamily(
+            "aiaas_llm_queue_depth", "Requests waiting for a slot.", labels=["model"]
+        )
+        cells = GaugeMetricFamily(
+            "aiaas_llm_kv_reserved_cells",
+            "KV cells reserved by running requests.",
+            labels=["model"],
+        )
+        steps = CounterMetricFamily(
+            "aiaas_llm_decode_steps", "llama_decode calls made by the engine.", labels=["model"]
+        )
+        generated = CounterMetricFamily(
+            "aiaas_llm_generated_tokens", "Tokens the engine has sampled.", labels=["model"]
+        )
+        for model, stats in self._source():
+            slots.add_metric([model], stats.slots)
+            busy.add_metric([model], stats.busy_slots)
+            waiting.add_metric([model], stats.waiting)
+            cells.add_metric([model], stats.reserved_cells)
+            steps.add_metric([model], stats.steps)
+            generated.add_metric([model], stats.generated_tokens)
+        yield from (slots, busy, waiting, cells, steps, generated)

@@ -1,10 +1,31 @@
-"""Schemas of the OpenAI-compatible API, field for field as OpenAI documents them."""
+"""Schemas of the OpenAI-compatible API, field for field as OpenAI documents them.
+
+A request turns itself into engine input (`sampling()`), so routers never pick fields apart.
+Requests forbid unknown fields: a typo in a parameter is a 400 naming it, never a silent no-op.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from aiaas.engines.llm.params import SamplingParams
+from aiaas.errors import InvalidRequest
+
+MAX_STOP_SEQUENCES = 4
+MAX_MESSAGES = 2048
+MAX_PROMPT_CHARS = 1_000_000
+
+ModelId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+StopText = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
 class Model(BaseModel):
@@ -17,3 +38,318 @@ class Model(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Model]
+
+
+# -- shared sampling fields ------------------------------------------------------------------
+
+
+class StreamOptions(Request):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(Request):
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ResponseFormat(Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class SamplingRequest(Request):
+    """The sampling knobs chat and completions share, with OpenAI's bounds."""
+
+    model: ModelId
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=8)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: StopText | list[StopText] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    user: str | None = Field(default=None, max_length=256)
+    # Extensions that llama.cpp-based servers accept; OpenAI clients send them via extra_body.
+    top_k: int | None = Field(default=None, ge=0, le=1000)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None:
+            if len(value) > 1024:
+                raise ValueError("at most 1024 biased tokens")
+            for key in value:
+                if not key.isdigit() or len(key) > 9:
+                    raise ValueError(f"keys must be token ids, got {key!r}")
+        return value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def base_sampling(
+        self, *, max_tokens: int | None, logprobs: int | None, grammar: str | None
+    ) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            seed=self.seed,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+            stop=tuple(self.stop_list()),
+            logprobs=logprobs,
+            grammar=grammar,
+        )
+
+
+def _grammar_for(response_format: ResponseFormat | None) -> str | None:
+    from aiaas.engines.llm.grammar import grammar_for_json_schema, json_object_grammar
+
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return json_object_grammar()
+    spec = response_format.json_schema
+    if spec is None or spec.schema_ is None:
+        raise InvalidRequest(
+            "response_format json_schema needs json_schema.schema.",
+            param="response_format.json_schema",
+        )
+    return grammar_for_json_schema(spec.schema_)
+
+
+# -- chat ------------------------------------------------------------------------------------
+
+
+class TextPart(Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(default=None, max_length=64)
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    # Accepted for compatibility with clients that always send them; they change nothing here.
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    parallel_tool_calls: bool | None = None
+
+    def sampling(self) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs requires logprobs=true.", param="top_logprobs")
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self.base_sampling(
+            max_tokens=max_tokens, logprobs=logprobs, grammar=_grammar_for(self.response_format)
+        )
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """Messages as chat templates expect them: role and plain-text content."""
+        out = []
+        for message in self.messages:
+            role = "system" if message.role == "developer" else message.role
+            out.append({"role": role, "content": message.text()})
+        if sum(len(m["content"]) for m in out) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(
+                f"messages hold more than {MAX_PROMPT_CHARS} characters.", param="messages"
+            )
+        return out
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int] = Field(description="Text, or one prompt's token ids.")
+    max_tokens: int | None = Field(default=16, ge=1)
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1, le=1)
+    response_format: ResponseFormat | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _bounded_prompt(cls, value: str | list[str] | list[int]) -> str | list[str] | list[int]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("prompt must not be empty")
+            if len(value) > 64 and isinstance(value[0], str):
+                raise ValueError("at most 64 prompts per request")
+        total = len(value) if isinstance(value, str) else sum(len(str(p)) for p in value)
+        if total > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt holds more than {MAX_PROMPT_CHARS} characters")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(p, int) for p in self.prompt):
+            return [[int(p) for p in self.prompt]]
+        return [str(p) for p in self.prompt]
+
+    def sampling(self) -> SamplingParams:
+        if self.suffix:
+            raise InvalidRequest("suffix (fill-in-the-middle) is not supported.", param="suffix")
+        return self.base_sampling(
+            max_tokens=self.max_tokens,
+            logprobs=self.logprobs,
+            grammar=_grammar_for(self.response_format),
+        )
+
+
+# -- responses -------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+
+
+FinishReason = Literal["stop", "length", "content_filter"]
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+def new_completion_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def dump_json(model: BaseModel) -> str:
+    return model.model_dump_json(exclude_none=False)
+
+
+__all__ = [
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "Completion",
+    "CompletionRequest",
+    "Model",
+    "ModelList",
+    "Usage",
+    "json",
+]

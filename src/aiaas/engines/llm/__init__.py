@@ -1,0 +1,1 @@
+"""The LLM engine: llama.cpp through llama-cpp-python's low-level API, continuous batching."""

@@ -1,0 +1,418 @@
+"""The continuous-batching LLM engine: one llama.cpp context, N sequence slots, one thread.
+
+Each step builds one batch: first the next token of every decoding slot, then prompt chunks of
+prefilling slots fill the rest of `n_batch`. One `llama_decode`, then every slot with an output
+samples, detokenises and hands its events to the request's sink. A finished, cancelled or
+failed request frees its slot and its KV cells before the next step, and waiting requests are
+admitted, in the admission policy's order, as soon as a slot and enough KV cells are free.
+
+Only the engine thread touches the context, the batch, the slots and the samplers. Other threads
+talk to it through `submit` and `cancel`, which take the lock and wake it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import llama_cpp
+import numpy as np
+
+from aiaas.engines.llm.detokenize import TextStream
+from aiaas.engines.llm.model import LlamaModel
+from aiaas.engines.llm.params import (
+    Delta,
+    Event,
+    Failed,
+    Final,
+    FinishReason,
+    SamplingParams,
+    TokenLogprob,
+)
+from aiaas.engines.llm.sampler import SamplerChain, log_softmax, logits_view
+from aiaas.errors import ConfigurationError, RateLimited
+from aiaas.scheduling.fair import AdmissionPolicy, FifoPolicy, Ticket
+
+log = logging.getLogger("aiaas.engines.llm")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    n_slots: int = 16
+    n_ctx: int = 16384  # KV cells shared by all slots (unified cache)
+    context_length: int = 4096  # most tokens (prompt + completion) one request may use
+    n_batch: int = 512  # tokens per decode step
+    n_threads: int = 2
+    max_waiting: int = 256  # queued requests before new ones get 429
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    """One sequence to generate; `sink` receives its events on the engine thread."""
+
+    prompt: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    sink: Callable[[Event], None]
+    tenant: str = "-"
+    weight: float = 1.0
+    cancelled: bool = False
+    chain: SamplerChain | None = None  # built by `LlmEngine.request`, owned by the slot
+
+    @property
+    def reserved_cells(self) -> int:
+        return len(self.prompt) + self.max_new_tokens
+
+    def release(self) -> None:
+        if self.chain is not None:
+            self.chain.close()
+            self.chain = None
+
+
+class SlotState(StrEnum):
+    IDLE = "idle"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass(eq=False)
+class Slot:
+    seq_id: int
+    state: SlotState = SlotState.IDLE
+    request: GenerationRequest | None = None
+    n_past: int = 0  # tokens of this sequence in the KV cache
+    last_token: int = -1  # sampled, not yet decoded
+    generated: int = 0
+    text: TextStream | None = None
+    chain: SamplerChain | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    slots: int
+    busy_slots: int
+    waiting: int
+    reserved_cells: int
+    prompt_tokens: int
+    generated_tokens: int
+    steps: int
+
+
+@dataclass
+class _Counters:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+    admissions: deque[str] = field(default_factory=lambda: deque(maxlen=4096))
+
+
+class LlmEngine:
+    def __init__(
+        self,
+        model: LlamaModel,
+        config: EngineConfig,
+        *,
+        name: str,
+        policy: AdmissionPolicy[GenerationRequest] | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.name = name
+        self.context_length = min(config.context_length, config.n_ctx, model.info.n_ctx_train)
+        self._policy: AdmissionPolicy[GenerationRequest] = policy or FifoPolicy()
+        self._cond = threading.Condition()
+        self._slots = [Slot(seq_id=i) for i in range(config.n_slots)]
+        self._reserved = 0
+        self._stopping = False
+        self._counters = _Counters()
+        self._thread: threading.Thread | None = None
+        self._ctx: llama_cpp.llama_context_p | None = None
+        self._batch: llama_cpp.llama_batch | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.config.n_ctx
+        params.n_batch = self.config.n_batch
+        params.n_ubatch = self.config.n_batch
+        params.n_seq_max = self.config.n_slots
+        params.n_threads = self.config.n_threads
+        params.n_threads_batch = self.config.n_threads
+        params.kv_unified = True
+        params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(self.model.handle, params)
+        if not self._ctx:
+            raise ConfigurationError(f"llama.cpp could not create a context for {self.name}")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self.config.n_batch, 0, 1)
+        self._thread = threading.Thread(target=self._run, name=f"llm-{self.name}", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        for slot in self._slots:
+            if slot.request is not None:
+                self._finish(slot, Failed("The engine is shutting down."))
+        with self._cond:
+            while len(self._policy):
+                waiting = self._policy.pop().item
+                waiting.release()
+                waiting.sink(Failed("The engine is shutting down."))
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+
+    # -- the public doors ----------------------------------------------------------------------
+
+    def request(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        max_new_tokens: int,
+        sink: Callable[[Event], None],
+        tenant: str = "-",
+        weight: float = 1.0,
+    ) -> GenerationRequest:
+        """A request ready to submit; its sampler is built here, in the caller's thread, so a
+        bad grammar or bias is a 400 before anything streams."""
+        chain = (
+            SamplerChain(self.model.vocab, self.model.n_vocab, params)
+            if params.needs_sampler_chain
+            else None
+        )
+        return GenerationRequest(
+            prompt=prompt,
+            params=params,
+            max_new_tokens=max_new_tokens,
+            sink=sink,
+            tenant=tenant,
+            weight=weight,
+            chain=chain,
+        )
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a request; 429 when the waiting line is full."""
+        with self._cond:
+            if len(self._policy) >= self.config.max_waiting:
+                raise RateLimited(
+                    f"Model {self.name} has {len(self._policy)} requests waiting; try again soon.",
+                    headers={"Retry-After": "1"},
+                )
+            self._policy.push(
+                Ticket(
+                    item=request,
+                    tenant=request.tenant,
+                    weight=request.weight,
+                    cost=float(request.reserved_cells),
+                )
+            )
+            self._cond.notify()
+
+    def cancel(self, request: GenerationRequest) -> None:
+        """Stop a request: a waiting one leaves the line, a running one frees its slot next step."""
+        request.cancelled = True
+        with self._cond:
+            if self._policy.remove(request):
+                request.release()
+            self._cond.notify()
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            return EngineStats(
+                slots=len(self._slots),
+                busy_slots=sum(1 for s in self._slots if s.request is not None),
+                waiting=len(self._policy),
+                reserved_cells=self._reserved,
+                prompt_tokens=self._counters.prompt_tokens,
+                generated_tokens=self._counters.generated_tokens,
+                steps=self._counters.steps,
+            )
+
+    def admission_order(self) -> list[str]:
+        """Tenants in the order the engine admitted their requests (most recent 4096)."""
+        with self._cond:
+            return list(self._counters.admissions)
+
+    # -- the engine thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not len(self._policy) and not self._any_busy():
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                self._admit()
+            self._drop_cancelled()
+            if self._any_busy():
+                self._step()
+
+    def _any_busy(self) -> bool:
+        return any(slot.request is not None for slot in self._slots)
+
+    def _admit(self) -> None:
+        """Fill free slots from the policy while the next request's KV reservation fits."""
+        for slot in self._slots:
+            if slot.request is not None:
+                continue
+            ticket = self._policy.peek()
+            if ticket is None:
+                return
+            if self._reserved + ticket.item.reserved_cells > self.config.n_ctx:
+                return  # keep the policy's order: wait for cells rather than skip ahead
+            request = self._policy.pop().item
+            chain, request.chain = request.chain, None
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            slot.request, slot.state, slot.n_past, slot.generated = request, SlotState.PREFILL, 0, 0
+            slot.text, slot.chain = TextStream(request.params.stop), chain
+            self._reserved += request.reserved_cells
+            self._counters.admissions.append(request.tenant)
+
+    def _drop_cancelled(self) -> None:
+        for slot in self._slots:
+            if slot.request is not None and slot.request.cancelled:
+                self._finish(slot, None)
+
+    def _step(self) -> None:
+        batch = self._batch
+        assert batch is not None and self._ctx is not None
+        outputs: list[tuple[Slot, int]] = []  # (slot, batch index of its output)
+        n = 0
+        for slot in self._slots:
+            if slot.state is SlotState.DECODE:
+                self._put(batch, n, slot.last_token, slot.n_past, slot.seq_id, True)
+                outputs.append((slot, n))
+                slot.n_past += 1
+                n += 1
+        for slot in self._slots:
+            if n >= self.config.n_batch:
+                break
+            if slot.state is not SlotState.PREFILL:
+                continue
+            request = slot.request
+            assert request is not None
+            chunk = request.prompt[slot.n_past : slot.n_past + self.config.n_batch - n]
+            for token in chunk:
+                slot.n_past += 1
+                last = slot.n_past == len(request.prompt)
+                self._put(batch, n, token, slot.n_past - 1, slot.seq_id, last)
+                if last:
+                    outputs.append((slot, n))
+                n += 1
+        batch.n_tokens = n
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        self._counters.steps += 1
+        if status != 0:
+            self._fail_all(f"llama_decode failed with status {status}")
+            return
+        self._sample(outputs)
+
+    @staticmethod
+    def _put(
+        batch: llama_cpp.llama_batch, i: int, token: int, pos: int, seq: int, out: bool
+    ) -> None:
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = out
+
+    def _sample(self, outputs: list[tuple[Slot, int]]) -> None:
+        if not outputs:
+            return
+        logits = logits_view(self._ctx, len(outputs), self.model.n_vocab)
+        fast = [row for row, (slot, _) in enumerate(outputs) if slot.chain is None]
+        if len(fast) == len(outputs):
+            greedy = logits.argmax(axis=1)
+        else:
+            greedy = {row: int(np.argmax(logits[row])) for row in fast}
+        for row, (slot, batch_index) in enumerate(outputs):
+            if slot.state is SlotState.PREFILL:
+                self._counters.prompt_tokens += slot.n_past
+                slot.state = SlotState.DECODE
+            if slot.chain is not None:
+                token = slot.chain.sample(self._ctx, batch_index)
+            else:
+                token = int(greedy[row])
+            self._accept(slot, token, logits[row])
+
+    def _accept(self, slot: Slot, token: int, logits_row: np.ndarray) -> None:
+        request, text = slot.request, slot.text
+        assert request is not None and text is not None
+        slot.generated += 1
+        self._counters.generated_tokens += 1
+        logprobs = self._logprobs(token, logits_row, request.params.logprobs)
+        if self.model.is_eog(token):
+            self._finish(slot, self._final(slot, FinishReason.STOP, text.flush(), logprobs))
+            return
+        released = text.push(self.model.piece(token))
+        if released.stopped:
+            self._finish(slot, self._final(slot, FinishReason.STOP, released.text, logprobs))
+            return
+        if slot.generated >= request.max_new_tokens:
+            tail = released.text + text.flush()
+            self._finish(slot, self._final(slot, FinishReason.LENGTH, tail, logprobs))
+            return
+        if released.text or logprobs:
+            request.sink(Delta(released.text, logprobs))
+        slot.last_token = token
+
+    def _final(
+        self, slot: Slot, reason: FinishReason, text: str, logprobs: tuple[TokenLogprob, ...]
+    ) -> Final:
+        assert slot.request is not None
+        return Final(
+            finish_reason=reason,
+            prompt_tokens=len(slot.request.prompt),
+            completion_tokens=slot.generated,
+            text=text,
+            logprobs=logprobs,
+        )
+
+    def _logprobs(self, token: int, row: np.ndarray, top: int | None) -> tuple[TokenLogprob, ...]:
+        if top is None:
+            return ()
+        scores = log_softmax(row.astype(np.float64))
+        best: list[tuple[str, bytes, float]] = []
+        if top > 0:
+            ids = np.argpartition(-scores, top)[:top]
+            for t in sorted(ids.tolist(), key=lambda i: -scores[i]):
+                piece = self.model.piece(t)
+                best.append((piece.decode("utf-8", errors="replace"), piece, float(scores[t])))
+        piece = self.model.piece(token)
+        text = piece.decode("utf-8", errors="replace")
+        return (TokenLogprob(text, piece, float(scores[token]), tuple(best)),)
+
+    def _finish(self, slot: Slot, event: Event | None) -> None:
+        """Free the slot and its KV cells; deliver the last event unless the client is gone."""
+        request = slot.request
+        if request is None:
+            return
+        if event is not None and not request.cancelled:
+            request.sink(event)
+        if slot.chain is not None:
+            slot.chain.close()
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        with self._cond:
+            self._reserved -= request.reserved_cells
+        slot.request, slot.state, slot.chain, slot.text = None, SlotState.IDLE, None, None
+        slot.n_past = slot.generated = 0
+
+    def _fail_all(self, message: str) -> None:
+        running = sum(1 for slot in self._slots if slot.request is not None)
+        log.error("engine %s: %s; failing its %d running requests", self.name, message, running)
+        for slot in self._slots:
+            self._finish(slot, Failed(message))

@@ -1,0 +1,83 @@
+"""Typed engine input and output: what a request asks of the engine and what it gets back.
+
+Plain dataclasses with no llama.cpp import, so the protocol layer can build them cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int | None = None  # None: up to the context
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: no logprobs; k: the chosen token plus the top k
+    grammar: str | None = None  # GBNF
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_sampler_chain(self) -> bool:
+        """False when plain argmax over the logits gives the same token (the fast path)."""
+        return not (
+            self.greedy
+            and not self.logit_bias
+            and self.grammar is None
+            and self.presence_penalty == 0.0
+            and self.frequency_penalty == 0.0
+            and self.repetition_penalty == 1.0
+        )
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token: str
+    token_bytes: bytes
+    logprob: float
+    top: tuple[tuple[str, bytes, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """A piece of generated text (possibly empty while bytes or a stop prefix are held back)."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Final:
+    """The end of a generation, with its token counts."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    text: str = ""  # text released at the end (held-back bytes), if any
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    message: str
+
+
+Event = Delta | Final | Failed

@@ -1,0 +1,131 @@
+"""The model pool: which models are loaded, what each can do, and whether it is ready.
+
+Loading happens in a background thread after start so `/health` can answer 503 while a model
+loads; a request for a model that is still loading gets 503 too.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from aiaas.engines.llm.chat_template import ChatTemplate
+from aiaas.engines.llm.engine import EngineConfig, LlmEngine
+from aiaas.engines.llm.model import LlamaModel
+from aiaas.errors import ConfigurationError, ModelNotFound, ServiceUnavailable
+
+log = logging.getLogger("aiaas.engines.pool")
+
+
+class ModelKind(StrEnum):
+    LLM = "llm"
+    EMBEDDINGS = "embeddings"
+
+
+@dataclass
+class LoadedLlm:
+    id: str
+    engine: LlmEngine
+    template: ChatTemplate | None
+    created: int
+    owned_by: str = "aiaas"
+
+    @property
+    def model(self) -> LlamaModel:
+        return self.engine.model
+
+
+@dataclass(frozen=True, slots=True)
+class LlmSpec:
+    """How to load one GGUF model."""
+
+    id: str
+    locate: Callable[[], Path]
+    chat_template: str | None = None  # overrides the GGUF's own, if given
+
+
+@dataclass
+class ModelPool:
+    config: EngineConfig
+    _llms: dict[str, LoadedLlm] = field(default_factory=dict)
+    _loading: set[str] = field(default_factory=set)
+    _failed: dict[str, str] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def load_in_background(
+        self, specs: list[LlmSpec], on_done: Callable[[str], None]
+    ) -> threading.Thread:
+        with self._lock:
+            self._loading.update(spec.id for spec in specs)
+
+        def load_all() -> None:
+            for spec in specs:
+                try:
+                    self.load_llm(spec)
+                except ConfigurationError as exc:
+                    log.error("could not load model %s: %s", spec.id, exc)
+                    with self._lock:
+                        self._failed[spec.id] = str(exc)
+                finally:
+                    with self._lock:
+                        self._loading.discard(spec.id)
+                    on_done(spec.id)
+
+        thread = threading.Thread(target=load_all, name="model-loader", daemon=True)
+        thread.start()
+        return thread
+
+    def load_llm(self, spec: LlmSpec) -> LoadedLlm:
+        started = time.perf_counter()
+        model = LlamaModel(spec.locate())
+        engine = LlmEngine(model, self.config, name=spec.id)
+        try:
+            engine.start()
+        except BaseException:
+            model.close()
+            raise
+        source = spec.chat_template or model.info.chat_template
+        template = (
+            ChatTemplate(source, bos_token=model.info.bos_text, eos_token=model.info.eos_text)
+            if source
+            else None
+        )
+        loaded = LoadedLlm(id=spec.id, engine=engine, template=template, created=int(time.time()))
+        with self._lock:
+            self._llms[spec.id] = loaded
+        log.info(
+            "loaded model %s (%s) in %.1f s",
+            spec.id,
+            model.info.description,
+            time.perf_counter() - started,
+            extra={"model": spec.id, "context_length": engine.context_length},
+        )
+        return loaded
+
+    def llm(self, model_id: str) -> LoadedLlm:
+        with self._lock:
+            loaded = self._llms.get(model_id)
+            loading = model_id in self._loading
+        if loaded is not None:
+            return loaded
+        if loading:
+            raise ServiceUnavailable(
+                f"The model '{model_id}' is still loading.", headers={"Retry-After": "2"}
+            )
+        raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
+
+    def llms(self) -> list[LoadedLlm]:
+        with self._lock:
+            return list(self._llms.values())
+
+    def close(self) -> None:
+        with self._lock:
+            loaded, self._llms = list(self._llms.values()), {}
+        for llm in loaded:
+            llm.engine.close()
+            llm.model.close()

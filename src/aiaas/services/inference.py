@@ -1,0 +1,226 @@
+"""LLM inference use cases: turn a chat or completion request into engine requests.
+
+Preparation (template rendering, tokenising, limit checks, sampler construction) is CPU work and
+runs in a worker thread; the event loop only awaits the events the engine thread hands over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from starlette.concurrency import run_in_threadpool
+
+from aiaas.domain import Principal
+from aiaas.engines.llm.engine import GenerationRequest, LlmEngine
+from aiaas.engines.llm.params import Delta, Event, Failed, Final, SamplingParams
+from aiaas.engines.pool import LoadedLlm, ModelPool
+from aiaas.errors import ContextLengthExceeded, InvalidRequest, ServerError
+from aiaas.observability.metrics import Metrics
+from aiaas.protocol.openai import ChatCompletionRequest, CompletionRequest, Model
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedPrompt:
+    tokens: list[int]
+    text: str  # for echo
+
+
+@dataclass
+class Generations:
+    """The n engine requests behind one API request, and their merged event stream."""
+
+    engine: LlmEngine
+    model_id: str
+    org: str
+    prompts: list[PreparedPrompt]
+    n: int
+    metrics: Metrics
+    requests: list[GenerationRequest] = field(default_factory=list)
+    queue: asyncio.Queue[tuple[int, Event]] = field(default_factory=asyncio.Queue)
+    started: float = field(default_factory=time.perf_counter)
+    _first_token_seen: bool = False
+    _open: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p.tokens) for p in self.prompts)
+
+    async def events(self) -> AsyncIterator[tuple[int, Delta | Final]]:
+        """(choice index, event) until every choice has finished; a failure raises."""
+        self._open = len(self.requests)
+        try:
+            while self._open:
+                index, event = await self.queue.get()
+                if isinstance(event, Failed):
+                    raise ServerError(f"Generation failed: {event.message}")
+                if not self._first_token_seen and (isinstance(event, Final) or event.text):
+                    self._first_token_seen = True
+                    self.metrics.llm_ttft.labels(model=self.model_id).observe(
+                        time.perf_counter() - self.started
+                    )
+                if isinstance(event, Final):
+                    self._open -= 1
+                    self._record(event)
+                yield index, event
+        finally:
+            self.cancel()
+
+    def _record(self, final: Final) -> None:
+        tokens = self.metrics.llm_tokens
+        tokens.labels(model=self.model_id, org=self.org, kind="completion").inc(
+            final.completion_tokens
+        )
+
+    def cancel(self) -> None:
+        """Free every unfinished request's slot (client gone, or an error)."""
+        for request in self.requests:
+            self.engine.cancel(request)
+
+
+class InferenceService:
+    def __init__(self, pool: ModelPool, metrics: Metrics) -> None:
+        self._pool = pool
+        self._metrics = metrics
+
+    def models(self) -> list[Model]:
+        return [Model(id=m.id, created=m.created, owned_by=m.owned_by) for m in self._pool.llms()]
+
+    def model(self, model_id: str) -> Model:
+        loaded = self._pool.llm(model_id)
+        return Model(id=loaded.id, created=loaded.created, owned_by=loaded.owned_by)
+
+    async def chat(self, principal: Principal, request: ChatCompletionRequest) -> Generations:
+        loaded = self._pool.llm(request.model)
+        if loaded.template is None:
+            raise InvalidRequest(
+                f"The model '{loaded.id}' is a base model with no chat template: use "
+                "/v1/completions, or register the model with a chat template.",
+                param="model",
+                code="model_not_chat",
+            )
+        params = request.sampling()
+
+        def prepare() -> PreparedPrompt:
+            assert loaded.template is not None
+            text = loaded.template.render(request.chat_messages(), add_generation_prompt=True)
+            info = loaded.model.info
+            add_bos = info.add_bos and not (info.bos_text and text.startswith(info.bos_text))
+            return PreparedPrompt(loaded.model.tokenize(text, add_special=add_bos), text)
+
+        prompt = await run_in_threadpool(prepare)
+        return await self._start(principal, loaded, [prompt], params, request.n, "messages")
+
+    async def complete(self, principal: Principal, request: CompletionRequest) -> Generations:
+        loaded = self._pool.llm(request.model)
+        params = request.sampling()
+
+        def prepare() -> list[PreparedPrompt]:
+            return [self._completion_prompt(loaded, p) for p in request.prompts()]
+
+        prompts = await run_in_threadpool(prepare)
+        return await self._start(principal, loaded, prompts, params, request.n, "prompt")
+
+    @staticmethod
+    def _completion_prompt(loaded: LoadedLlm, prompt: str | list[int]) -> PreparedPrompt:
+        model = loaded.model
+        if isinstance(prompt, str):
+            tokens = model.tokenize(prompt, add_special=model.info.add_bos)
+            return PreparedPrompt(tokens, prompt)
+        bad = [t for t in prompt if not model.valid_token(t)]
+        if bad:
+            raise InvalidRequest(
+                f"Token id {bad[0]} is outside the vocabulary (0..{model.n_vocab - 1}).",
+                param="prompt",
+            )
+        text = b"".join(model.piece(t) for t in prompt).decode("utf-8", errors="replace")
+        return PreparedPrompt(list(prompt), text)
+
+    async def _start(
+        self,
+        principal: Principal,
+        loaded: LoadedLlm,
+        prompts: list[PreparedPrompt],
+        params: SamplingParams,
+        n: int,
+        prompt_param: str,
+    ) -> Generations:
+        engine = loaded.engine
+        limit = engine.context_length
+        for token in params.logit_bias:
+            if not loaded.model.valid_token(token):
+                raise InvalidRequest(
+                    f"logit_bias names token {token}, outside the vocabulary "
+                    f"(0..{loaded.model.n_vocab - 1}).",
+                    param="logit_bias",
+                )
+        plans = []
+        for prompt in prompts:
+            if not prompt.tokens:
+                raise InvalidRequest("The prompt is empty.", param=prompt_param)
+            max_new = (
+                params.max_tokens if params.max_tokens is not None else limit - len(prompt.tokens)
+            )
+            if len(prompt.tokens) + max(max_new, 1) > limit:
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {limit} tokens. However, you "
+                    f"requested {len(prompt.tokens) + max(max_new, 0)} tokens "
+                    f"({len(prompt.tokens)} in the {prompt_param}, {max(max_new, 0)} in the "
+                    "completion). Please reduce the length of the prompt or the completion.",
+                    param=prompt_param,
+                )
+            plans.append((prompt, max_new))
+        org = principal.org_id or "platform"
+        gens = Generations(
+            engine=engine, model_id=loaded.id, org=org, prompts=prompts, n=n, metrics=self._metrics
+        )
+        loop = asyncio.get_running_loop()
+
+        def prepare() -> list[GenerationRequest]:
+            built = []
+            for p_index, (prompt, max_new) in enumerate(plans):
+                for j in range(n):
+                    index = p_index * n + j
+                    seeded = params
+                    if params.seed is not None and j:
+                        # n choices with one seed must still differ from each other.
+                        seeded = dataclasses.replace(params, seed=params.seed + j)
+                    built.append(
+                        engine.request(
+                            prompt.tokens,
+                            seeded,
+                            max_new_tokens=max_new,
+                            sink=_sink(loop, gens.queue, index),
+                            tenant=org,
+                        )
+                    )
+            return built
+
+        gens.requests = await run_in_threadpool(prepare)
+        self._metrics.llm_tokens.labels(model=loaded.id, org=org, kind="prompt").inc(
+            gens.prompt_tokens
+        )
+        try:
+            for request in gens.requests:
+                engine.submit(request)
+        except BaseException:
+            gens.cancel()
+            for request in gens.requests:
+                request.release()
+            raise
+        return gens
+
+
+def _sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[tuple[int, Event]], index: int):  # type: ignore[no-untyped-def]
+    """Hand an engine event to the loop; futures and queues are touched on the loop only."""
+
+    def deliver(event: Event) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+        except RuntimeError:  # the loop closed at shutdown: nobody is listening any more
+            return
+
+    return deliver
