@@ -214,6 +214,23 @@ def sqlite_server(make_server: Callable[..., Server]) -> Server:
     return srv
 
 
+LLM_MODELS = "smollm2-135m-instruct,gemma-3-270m"
+LLM_SETTINGS = {
+    "models": LLM_MODELS,
+    "llm_slots": "8",
+    "llm_kv_cells": "8192",
+    "llm_context_length": "2048",
+}
+
+
+@pytest.fixture(scope="session")
+def llm_server(make_server: Callable[..., Server]) -> Server:
+    """A running server with both bundled LLMs loaded, shared by the session."""
+    srv = make_server("sqlite", **LLM_SETTINGS)
+    srv.start()
+    return srv
+
+
 @dataclass(frozen=True)
 class Org:
     id: str

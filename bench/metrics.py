@@ -1,0 +1,71 @@
+"""Numbers for one closed-loop level: throughput, time to first token, inter-token latency."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from loadgen import LevelRun
+
+__all__ = ["LevelMetrics", "percentile", "summarize"]
+
+
+@dataclass(frozen=True, slots=True)
+class LevelMetrics:
+    """Latencies are seconds; `None` where no successful request produced the sample."""
+
+    concurrency: int
+    requests: int
+    errors: int
+    output_tokens: int
+    wall_s: float
+    # All output tokens of the level over its wall time: what the server delivers when busy.
+    output_tok_s: float
+    mean_output_tokens: float
+    ttft_p50: float | None
+    ttft_p95: float | None
+    # Gap between successive content chunks, pooled over every request of the level.
+    itl_p50: float | None
+    # Per request: (end - first token) / (tokens - 1); immune to servers that coalesce chunks.
+    tpot_p50: float | None
+    # True when every successful request's token count came from `usage`, not chunk counting.
+    tokens_from_usage: bool
+
+
+def summarize(run: LevelRun) -> LevelMetrics:
+    ok = [r for r in run.records if r.ok]
+    output_tokens = sum(r.output_tokens for r in ok)
+    ttfts = [t for r in ok if (t := r.ttft) is not None]
+    gaps = [gap for r in ok for gap in r.inter_token]
+    tpots = [
+        (r.end - r.content_times[0]) / (r.output_tokens - 1)
+        for r in ok
+        if r.content_times and r.output_tokens > 1
+    ]
+    return LevelMetrics(
+        concurrency=run.concurrency,
+        requests=len(run.records),
+        errors=len(run.records) - len(ok),
+        output_tokens=output_tokens,
+        wall_s=run.wall_s,
+        output_tok_s=output_tokens / run.wall_s if run.wall_s > 0 else 0.0,
+        mean_output_tokens=output_tokens / len(ok) if ok else 0.0,
+        ttft_p50=percentile(ttfts, 50),
+        ttft_p95=percentile(ttfts, 95),
+        itl_p50=percentile(gaps, 50),
+        tpot_p50=percentile(tpots, 50),
+        tokens_from_usage=bool(ok) and all(r.tokens_from_usage for r in ok),
+    )
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile with linear interpolation between ranks (numpy's default)."""
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile must be in [0, 100], got {q}")
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)

@@ -1,0 +1,159 @@
+"""Provision the peer servers once and reuse them on later runs.
+
+- `llama_cpp.server`: llama-cpp-python's own server, in its own venv (`bench/.venv-peers`), so
+  the bench never installs anything into the project's `.venv`.
+- `llama-server`: llama.cpp's C++ server, built from the llama.cpp sources vendored in the
+  llama-cpp-python sdist of the same version, so all three systems run the same ggml code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = [
+    "BENCH_DIR",
+    "LLAMA_CPP_PYTHON_VERSION",
+    "ProvisionError",
+    "ensure_llama_server",
+    "ensure_peers_python",
+    "tool_version",
+]
+
+log = logging.getLogger("bench")
+
+BENCH_DIR = Path(__file__).resolve().parent
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+PEERS_VENV = BENCH_DIR / ".venv-peers"
+CACHE_DIR = BENCH_DIR / ".cache"
+LLAMA_BUILD_DIR = BENCH_DIR / ".build" / "llama.cpp"
+
+# Without these the build fetches web assets and links libcurl/OpenSSL, none of which we need.
+_LLAMA_CMAKE_FLAGS = (
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DCMAKE_BUILD_TYPE=Release",
+)
+_LOG_TAIL_LINES = 30
+
+
+class ProvisionError(Exception):
+    """A peer could not be installed or built."""
+
+
+def ensure_peers_python(venv: Path = PEERS_VENV) -> Path:
+    """The python of a venv holding `llama-cpp-python[server]` at our pinned version."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        log.info("creating %s", venv)
+        base = shutil.which("python3") or sys.executable
+        _run([base, "-m", "venv", str(venv)], log_path=venv.with_name(venv.name + ".log"))
+    installed = _llama_cpp_python_version(python)
+    if installed != LLAMA_CPP_PYTHON_VERSION:
+        requirement = f"llama-cpp-python[server]=={LLAMA_CPP_PYTHON_VERSION}"
+        log.info(
+            "installing %s into %s (found %s; a cold pip cache compiles llama.cpp for minutes)",
+            requirement,
+            venv,
+            installed or "nothing",
+        )
+        pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", requirement]
+        _run(pip, log_path=venv.with_name(venv.name + ".log"))
+    return python
+
+
+def ensure_llama_server(*, sdist: Path | None = None, build_dir: Path = LLAMA_BUILD_DIR) -> Path:
+    """Path to a built `llama-server`; builds it (minutes) only when the binary is missing."""
+    binary = build_dir / "bin" / "llama-server"
+    if binary.exists():
+        return binary
+    source = _llama_cpp_source(sdist or _download_sdist(CACHE_DIR))
+    build_log = build_dir.parent / "llama-server-build.log"
+    jobs = str(os.cpu_count() or 1)
+    log.info("building llama-server from %s (log: %s); ~8 min on 2 cores", source, build_log)
+    build_dir.parent.mkdir(parents=True, exist_ok=True)
+    build_log.unlink(missing_ok=True)
+    _run(["cmake", "-S", str(source), "-B", str(build_dir), *_LLAMA_CMAKE_FLAGS], log_path=build_log)
+    build = ["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", jobs]
+    _run(build, log_path=build_log)
+    if not binary.exists():
+        raise ProvisionError(f"the build finished but {binary} is missing; see {build_log}")
+    return binary
+
+
+def tool_version(argv: Sequence[str]) -> str:
+    """First line a tool prints for its version flag (e.g. `llama-server --version`)."""
+    result = subprocess.run(  # noqa: S603 - fixed argv
+        list(argv), capture_output=True, text=True, timeout=60, check=False
+    )
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    return next((line for line in lines if "version" in line.lower()), lines[0] if lines else "?")
+
+
+def _llama_cpp_python_version(python: Path) -> str | None:
+    probe = (
+        "import importlib.metadata, llama_cpp.server; "
+        "print(importlib.metadata.version('llama-cpp-python'))"
+    )
+    result = subprocess.run(  # noqa: S603 - fixed argv
+        [str(python), "-c", probe], capture_output=True, text=True, check=False
+    )
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _download_sdist(dest: Path) -> Path:
+    name = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    if (dest / name).exists():
+        return dest / name
+    log.info("downloading the llama-cpp-python %s sdist into %s", LLAMA_CPP_PYTHON_VERSION, dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    _run(
+        [
+            *(sys.executable, "-m", "pip", "download", "--disable-pip-version-check"),
+            f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
+            *("--no-binary", ":all:", "--no-deps", "-d", str(dest)),
+        ],
+        log_path=dest / "pip-download.log",
+    )
+    if not (dest / name).exists():
+        raise ProvisionError(f"pip download did not produce {dest / name}")
+    return dest / name
+
+
+def _llama_cpp_source(sdist: Path) -> Path:
+    """The `vendor/llama.cpp` directory of the sdist, extracted next to it once."""
+    with tarfile.open(sdist) as archive:
+        first = archive.next()
+        if first is None:
+            raise ProvisionError(f"{sdist} is empty")
+        top = first.name.split("/", 1)[0]
+        source = sdist.parent / top / "vendor" / "llama.cpp"
+        if not (source / "CMakeLists.txt").exists():
+            log.info("extracting %s", sdist)
+            archive.extractall(sdist.parent, filter="data")
+    if not (source / "CMakeLists.txt").exists():
+        raise ProvisionError(f"{sdist} has no vendor/llama.cpp/CMakeLists.txt")
+    return source
+
+
+def _run(argv: Sequence[str], *, log_path: Path) -> None:
+    """Run a provisioning step, appending its output to `log_path`; fail with the log's tail."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as out:
+        out.write(f"$ {' '.join(argv)}\n".encode())
+        out.flush()
+        code = subprocess.run(  # noqa: S603 - argv is built here
+            list(argv), stdout=out, stderr=subprocess.STDOUT, check=False
+        ).returncode
+    if code != 0:
+        lines = log_path.read_text(errors="replace").splitlines()[-_LOG_TAIL_LINES:]
+        tail = "\n".join(f"    {line}" for line in lines)
+        raise ProvisionError(f"`{' '.join(argv)}` failed with {code}; from {log_path}:\n{tail}")
