@@ -23,6 +23,7 @@ __all__ = [
     "ProvisionError",
     "ensure_llama_server",
     "ensure_peers_python",
+    "tool_output",
     "tool_version",
 ]
 
@@ -89,12 +90,17 @@ def ensure_llama_server(*, sdist: Path | None = None, build_dir: Path = LLAMA_BU
     return binary
 
 
-def tool_version(argv: Sequence[str]) -> str:
-    """First line a tool prints for its version flag (e.g. `llama-server --version`)."""
-    result = subprocess.run(  # noqa: S603 - fixed argv
+def tool_output(argv: Sequence[str]) -> str:
+    """Everything a tool prints (stdout then stderr) for a quick query like `--help`."""
+    result = subprocess.run(  # noqa: S603 - argv is built by the bench
         list(argv), capture_output=True, text=True, timeout=60, check=False
     )
-    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    return result.stdout + result.stderr
+
+
+def tool_version(argv: Sequence[str]) -> str:
+    """The line a tool prints for its version flag (e.g. `llama-server --version`)."""
+    lines = [line.strip() for line in tool_output(argv).splitlines() if line.strip()]
     return next((line for line in lines if "version" in line.lower()), lines[0] if lines else "?")
 
 
