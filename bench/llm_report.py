@@ -93,7 +93,9 @@ def _describe(result: SystemResult) -> str:
 
 
 def _level_table(concurrency: int, results: Sequence[SystemResult]) -> list[str]:
-    rows = [(r.name, lv) for r in results for lv in r.levels if lv.metrics.concurrency == concurrency]
+    rows = [
+        (r.name, lv) for r in results for lv in r.levels if lv.metrics.concurrency == concurrency
+    ]
     ours = next((lv.metrics for name, lv in rows if name == OURS), None)
     header = [
         "system",
@@ -138,7 +140,10 @@ def _level_table(concurrency: int, results: Sequence[SystemResult]) -> list[str]
 
 
 def _ms(seconds: float | None) -> str:
-    return "—" if seconds is None else f"{seconds * 1000:.0f}" if seconds >= 0.1 else f"{seconds * 1000:.1f}"
+    if seconds is None:
+        return "—"
+    milliseconds = seconds * 1000
+    return f"{milliseconds:.0f}" if milliseconds >= 100 else f"{milliseconds:.1f}"
 
 
 def _ratio(ours: float | None, peer: float | None) -> str:
@@ -160,9 +165,7 @@ def _system_json(result: SystemResult) -> dict[str, object]:
                 "metrics": dataclasses.asdict(level.metrics),
                 "peak_rss_bytes": level.peak_rss_bytes,
                 "wall_s": level.run.wall_s,
-                "requests": [
-                    dataclasses.asdict(record) for record in level.run.records
-                ],
+                "requests": [dataclasses.asdict(record) for record in level.run.records],
             }
             for level in result.levels
         ],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,7 +190,8 @@ class LlamaServer:
         self._binary = ensure_llama_server(sdist=self._setup.llama_sdist)
         # The web UI is off in the build anyway; the flag only exists in some versions.
         help_text = tool_output([str(self._binary), "--help"])
-        self._extra_flags = ["--no-webui"] if "--no-webui" in help_text else []
+        has_flag = re.search(r"--no-webui(?![\w-])", help_text) is not None
+        self._extra_flags = ["--no-webui"] if has_flag else []
         return tool_version([str(self._binary), "--version"])
 
     def launch(self, port: int) -> Launch:
@@ -230,4 +232,3 @@ def _first_model_id(client: httpx.Client) -> str:
     if not isinstance(data, list) or not data or not isinstance(data[0].get("id"), str):
         raise SetupError(f"/v1/models lists no model: {response.text[:300]}")
     return str(data[0]["id"])
-

@@ -12,6 +12,7 @@ endpoint that streams OpenAI-style chunks.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -68,7 +69,7 @@ class RequestRecord:
     def inter_token(self) -> tuple[float, ...]:
         """Gaps between successive content chunks."""
         times = self.content_times
-        return tuple(b - a for a, b in zip(times, times[1:], strict=False))
+        return tuple(b - a for a, b in itertools.pairwise(times))
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,7 +82,8 @@ def ensure_llama_server(*, sdist: Path | None = None, build_dir: Path = LLAMA_BU
     log.info("building llama-server from %s (log: %s); ~8 min on 2 cores", source, build_log)
     build_dir.parent.mkdir(parents=True, exist_ok=True)
     build_log.unlink(missing_ok=True)
-    _run(["cmake", "-S", str(source), "-B", str(build_dir), *_LLAMA_CMAKE_FLAGS], log_path=build_log)
+    configure = ["cmake", "-S", str(source), "-B", str(build_dir), *_LLAMA_CMAKE_FLAGS]
+    _run(configure, log_path=build_log)
     build = ["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", jobs]
     _run(build, log_path=build_log)
     if not binary.exists():

@@ -7,6 +7,7 @@ the error carries the log's tail.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -86,7 +87,9 @@ class ServerProcess:
         with httpx.Client(timeout=5.0, headers=headers) as client:
             while True:
                 if (code := self._running().poll()) is not None:
-                    raise ServerError(f"{self.name} exited with {code} while starting{self._tail()}")
+                    raise ServerError(
+                        f"{self.name} exited with {code} while starting{self._tail()}"
+                    )
                 try:
                     response = client.get(url)
                 except httpx.HTTPError as exc:
@@ -134,10 +137,8 @@ class ServerProcess:
 
     @staticmethod
     def _signal_group(process: subprocess.Popen[bytes], signum: signal.Signals) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # the group is already gone
             os.killpg(process.pid, signum)
-        except ProcessLookupError:
-            pass  # the group is already gone
 
     def _tail(self) -> str:
         try:

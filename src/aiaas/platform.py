@@ -6,6 +6,7 @@ it applies migrations, loads the secrets and builds the services. It holds no bu
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -147,7 +148,23 @@ def llm_specs(settings: Settings) -> list[LlmSpec]:
             )
     for model_id, path in settings.extra_gguf.items():
         specs.append(LlmSpec(id=model_id, locate=functools.partial(lambda p: p, path)))
-    return specs
+    templates = settings.chat_template_files
+    unknown = set(templates) - {spec.id for spec in specs}
+    if unknown:
+        raise ConfigurationError(f"AIAAS_CHAT_TEMPLATES names models not loaded: {sorted(unknown)}")
+    return [
+        dataclasses.replace(spec, chat_template=_read_template(templates[spec.id]))
+        if spec.id in templates
+        else spec
+        for spec in specs
+    ]
+
+
+def _read_template(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read chat template {path}: {exc}") from exc
 
 
 def _secret(value: SecretStr | None) -> str | None:

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     gguf_models: str = Field(
         default="", description="Extra GGUF models to serve: 'id=/path/model.gguf,id2=/path2'."
     )
+    chat_templates: str = Field(
+        default="",
+        description="Chat templates for models without one: 'id=/path/template.jinja,...'.",
+    )
     llm_slots: int = Field(default=16, ge=1, le=256, description="Sequences decoded together.")
     llm_kv_cells: int = Field(
         default=16384, ge=256, description="KV-cache tokens per LLM, shared by its slots."
@@ -80,7 +84,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_secrets(self) -> Settings:
-        _ = self.extra_gguf  # a malformed list fails at start
+        _ = self.extra_gguf, self.chat_template_files  # a malformed list fails at start
         # Refuse a malformed secret at start rather than on the first request that needs it.
         if self.master_key is not None:
             decode_key_material(self.master_key.get_secret_value(), name="AIAAS_MASTER_KEY")
@@ -102,14 +106,23 @@ class Settings(BaseSettings):
 
     @property
     def extra_gguf(self) -> dict[str, Path]:
-        out: dict[str, Path] = {}
-        for entry in filter(None, (e.strip() for e in self.gguf_models.split(","))):
-            model_id, sep, path = entry.partition("=")
-            if not sep or not model_id.strip() or not path.strip():
-                raise ValueError(f"AIAAS_GGUF_MODELS entry {entry!r} is not 'id=/path/file.gguf'")
-            out[model_id.strip()] = Path(path.strip()).expanduser()
-        return out
+        return _id_paths(self.gguf_models, "AIAAS_GGUF_MODELS")
+
+    @property
+    def chat_template_files(self) -> dict[str, Path]:
+        return _id_paths(self.chat_templates, "AIAAS_CHAT_TEMPLATES")
 
     @property
     def admin_key_path(self) -> Path:
         return self.data_dir / "admin-key"
+
+
+def _id_paths(value: str, name: str) -> dict[str, Path]:
+    """Parse 'id=/path,id2=/path2'."""
+    out: dict[str, Path] = {}
+    for entry in filter(None, (e.strip() for e in value.split(","))):
+        model_id, sep, path = entry.partition("=")
+        if not sep or not model_id.strip() or not path.strip():
+            raise ValueError(f"{name} entry {entry!r} is not 'id=/path'")
+        out[model_id.strip()] = Path(path.strip()).expanduser()
+    return out

