@@ -256,9 +256,13 @@ class LlmEngine:
                 if self._stopping:
                     return
                 self._admit()
-            self._drop_cancelled()
-            if self._any_busy():
-                self._step()
+            try:
+                self._drop_cancelled()
+                if self._any_busy():
+                    self._step()
+            except Exception:  # the thread's top level: a bug must not hang its clients
+                log.exception("engine %s: step failed", self.name)
+                self._fail_all("internal engine error")
 
     def _any_busy(self) -> bool:
         return any(slot.request is not None for slot in self._slots)
