@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from cpu import ForeignCpu
 from llm_prompts import PROMPTS
 from llm_report import LevelResult, RunInfo, SystemResult, render_markdown, write_json
 from llm_systems import SYSTEM_NAMES, BenchSetup, Connection, SetupError, System, make_system
@@ -39,6 +41,8 @@ from server import ServerError, ServerProcess, free_port
 log = logging.getLogger("bench")
 
 COMPLETIONS_PATH = "/v1/completions"
+# Share of all cores that other programs may take during a level before we warn about it.
+_NOISY_CPU_PCT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +125,7 @@ async def _run_levels(
             raise SetupError(f"{name}: warm-up request failed: {record.error or 'no tokens'}")
         results = []
         for level in plan.levels:
-            with PeakRssSampler(pid) as rss:
+            with PeakRssSampler(pid) as rss, ForeignCpu(pid) as foreign:
                 run = await run_closed_loop(
                     client,
                     COMPLETIONS_PATH,
@@ -131,13 +135,26 @@ async def _run_levels(
                     duration_s=plan.duration_s if level.requests_per_client is None else None,
                 )
             metrics = summarize(run)
-            results.append(LevelResult(metrics=metrics, peak_rss_bytes=rss.peak_bytes, run=run))
+            results.append(
+                LevelResult(
+                    metrics=metrics,
+                    peak_rss_bytes=rss.peak_bytes,
+                    foreign_cpu_pct=foreign.percent,
+                    run=run,
+                )
+            )
             log.info(
                 "%s: concurrency %d: %.1f tok/s, TTFT p50 %s ms, %d/%d ok in %.1f s",
                 *(name, level.concurrency, metrics.output_tok_s),
                 "-" if metrics.ttft_p50 is None else f"{metrics.ttft_p50 * 1000:.0f}",
                 *(metrics.requests - metrics.errors, metrics.requests, run.wall_s),
             )
+            if (foreign.percent or 0.0) > _NOISY_CPU_PCT:
+                log.warning(
+                    "%s: other programs used %.0f%% of the CPU during this level; "
+                    "its numbers are unreliable",
+                    *(name, foreign.percent),
+                )
             if first_error := next((r.error for r in run.records if r.error), None):
                 log.warning("%s: %d requests failed; first: %s", name, metrics.errors, first_error)
     return results
@@ -145,13 +162,14 @@ async def _run_levels(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="[bench %(asctime)s] %(message)s", datefmt="%H:%M:%S"
-    )
+    logging.basicConfig(format="[bench %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
     plan = _load_plan(args)
     model_path = _model_file()
     info = RunInfo(
-        command=shlex.join([sys.executable, *sys.argv]),
+        command=shlex.join(
+            [sys.executable, sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+        ),
         machine=_machine(),
         model=_describe_model(model_path),
         threads=args.threads,
@@ -186,38 +204,46 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark LLM serving: ours vs llama-server vs llama_cpp.server."
     )
-    parser.add_argument(
+    add = parser.add_argument
+    add(
         "--systems",
         type=_name_list,
         default=list(SYSTEM_NAMES),
+        metavar="LIST",
         help=f"comma-separated subset of {','.join(SYSTEM_NAMES)} (default: all, in that order)",
     )
-    parser.add_argument(
-        "--concurrency", type=_int_list, default=[1, 8, 16], help="levels (default: 1,8,16)"
-    )
-    parser.add_argument(
+    add("--concurrency", type=_int_list, default=[1, 8, 16], metavar="LIST", help="default 1,8,16")
+    add(
         "--requests-per-client",
         type=_positive_int,
+        metavar="N",
         help="per client and level (default: 8 at concurrency 1, 4 from 2 up)",
     )
-    parser.add_argument("--duration", type=float, help="seconds per level instead of a count")
-    parser.add_argument(
-        "--quick", action="store_true", help="fewer requests: 4 at concurrency 1, 2 from 2 up"
+    add("--duration", type=_positive_float, metavar="S", help="seconds per level, not a count")
+    add("--quick", action="store_true", help="fewer requests: 4 at concurrency 1, 2 from 2 up")
+    add("--max-tokens", type=_positive_int, default=64, metavar="N", help="default 64")
+    add("--threads", type=_positive_int, default=2, metavar="N", help="per server (default 2)")
+    add(
+        "--slots",
+        type=_positive_int,
+        default=16,
+        metavar="N",
+        help="parallel sequences of ours and llama-server (default 16)",
     )
-    parser.add_argument("--max-tokens", type=_positive_int, default=64)
-    parser.add_argument("--threads", type=_positive_int, default=2, help="per server (default 2)")
-    parser.add_argument("--slots", type=_positive_int, default=16, help="parallel sequences")
-    parser.add_argument(
+    add(
         "--prefix-cache",
         action="store_true",
-        help="send the prompts as they are, so repeats may hit a server's prompt cache",
+        help="send the prompts untagged, so repeats may hit a server's prompt cache",
     )
-    parser.add_argument("--json", type=Path, help="write raw results (every request) here")
-    parser.add_argument(
-        "--llama-sdist", type=Path, help="llama-cpp-python sdist to build llama-server from"
+    add("--json", type=Path, metavar="PATH", help="write raw results (every request) here")
+    add(
+        "--llama-sdist",
+        type=Path,
+        metavar="PATH",
+        help="llama-cpp-python sdist to build llama-server from (default: pip download)",
     )
-    parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds")
-    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
+    add("--startup-timeout", type=_positive_float, default=300.0, metavar="S", help="default 300")
+    add("--request-timeout", type=_positive_float, default=600.0, metavar="S", help="default 600")
     args = parser.parse_args(argv)
     if args.duration is not None and (args.requests_per_client is not None or args.quick):
         parser.error("--duration excludes --requests-per-client and --quick")
@@ -270,9 +296,11 @@ def _machine() -> str:
     except OSError:
         pass
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     return (
         f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB RAM, "
-        f"{platform.system()} {platform.release()}, Python {platform.python_version()}"
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}; "
+        f"load average at start {load}"
     )
 
 
@@ -299,7 +327,20 @@ def _name_list(text: str) -> list[str]:
 
 
 def _int_list(text: str) -> list[int]:
-    return [_positive_int(part) for part in text.split(",") if part.strip()]
+    values = [_positive_int(part) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one level, e.g. 1,8,16")
+    return values
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not > 0")
+    return value
 
 
 def _positive_int(text: str) -> int:

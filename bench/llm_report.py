@@ -25,6 +25,8 @@ _MIB = 1024 * 1024
 class LevelResult:
     metrics: LevelMetrics
     peak_rss_bytes: int
+    # Share of all cores that programs other than the server and the bench used meanwhile.
+    foreign_cpu_pct: float | None
     run: LevelRun
 
 
@@ -68,9 +70,24 @@ def render_markdown(info: RunInfo, results: Sequence[SystemResult]) -> str:
     concurrencies = sorted({lv.metrics.concurrency for r in results for lv in r.levels})
     for concurrency in concurrencies:
         lines += ["", *_level_table(concurrency, results)]
-    if any(not lv.metrics.tokens_from_usage for r in results for lv in r.levels):
-        lines += ["", "\\* output tokens counted from content chunks: the server sent no usage."]
+    if concurrencies:
+        lines += _footnotes(results)
     return "\n".join(lines) + "\n"
+
+
+def _footnotes(results: Sequence[SystemResult]) -> list[str]:
+    notes = [
+        "",
+        "other CPU %: share of all cores used by programs other than the server and the bench "
+        "during the level; above a few percent the level's numbers are unreliable.",
+    ]
+    if any(_estimated(lv.metrics) for r in results for lv in r.levels):
+        notes += [
+            "",
+            "\\* the server reported no usage: a stream that ended with finish_reason `length` "
+            "counts as max_tokens, any other as its number of content chunks.",
+        ]
+    return notes
 
 
 def write_json(path: Path, info: RunInfo, results: Sequence[SystemResult]) -> None:
@@ -107,6 +124,7 @@ def _level_table(concurrency: int, results: Sequence[SystemResult]) -> list[str]
         "tok/req",
         "peak RSS MiB",
         "ok/sent",
+        "other CPU %",
     ]
     if ours is not None:
         header += ["ours/peer tok/s", "ours/peer TTFT p50"]
@@ -125,9 +143,10 @@ def _level_table(concurrency: int, results: Sequence[SystemResult]) -> list[str]
             _ms(m.ttft_p95),
             _ms(m.itl_p50),
             _ms(m.tpot_p50),
-            f"{m.mean_output_tokens:.1f}" + ("" if m.tokens_from_usage else "\\*"),
+            f"{m.mean_output_tokens:.1f}" + ("\\*" if _estimated(m) else ""),
             f"{level.peak_rss_bytes / _MIB:.0f}",
             f"{m.requests - m.errors}/{m.requests}",
+            "—" if level.foreign_cpu_pct is None else f"{level.foreign_cpu_pct:.0f}",
         ]
         if ours is not None:
             peer = name != OURS
@@ -137,6 +156,10 @@ def _level_table(concurrency: int, results: Sequence[SystemResult]) -> list[str]
             ]
         table.append("| " + " | ".join(cells) + " |")
     return table
+
+
+def _estimated(metrics: LevelMetrics) -> bool:
+    return any(count != "usage" for count in metrics.token_counts)
 
 
 def _ms(seconds: float | None) -> str:
@@ -164,6 +187,7 @@ def _system_json(result: SystemResult) -> dict[str, object]:
             {
                 "metrics": dataclasses.asdict(level.metrics),
                 "peak_rss_bytes": level.peak_rss_bytes,
+                "foreign_cpu_pct": level.foreign_cpu_pct,
                 "wall_s": level.run.wall_s,
                 "requests": [dataclasses.asdict(record) for record in level.run.records],
             }

@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import httpx
 
@@ -25,6 +26,7 @@ __all__ = [
     "LevelRun",
     "RequestRecord",
     "StreamError",
+    "TokenCount",
     "client_limits",
     "run_closed_loop",
     "sse_events",
@@ -33,6 +35,11 @@ __all__ = [
 
 # (client index, request index within that client) -> JSON body of the request.
 BodyFactory = Callable[[int, int], Mapping[str, object]]
+
+# Where a request's output token count came from, best first: the server's `usage`; the body's
+# `max_tokens` when the stream ended with finish_reason "length"; the number of content chunks
+# (low when a server packs several tokens into one chunk).
+TokenCount = Literal["usage", "max_tokens", "chunks"]
 
 _ERROR_TEXT_LIMIT = 300
 
@@ -51,9 +58,9 @@ class RequestRecord:
     end: float
     # Arrival time of every chunk that carried non-empty text.
     content_times: tuple[float, ...]
-    # `usage.completion_tokens` when the server sent it, otherwise the number of content chunks.
     output_tokens: int
-    tokens_from_usage: bool
+    token_count: TokenCount
+    finish_reason: str | None
     error: str | None = None
 
     @property
@@ -141,6 +148,7 @@ async def stream_request(
     start = time.perf_counter()
     content_times: list[float] = []
     usage_tokens: int | None = None
+    finish_reason: str | None = None
     error: str | None = None
     try:
         async with client.stream("POST", path, json=body) as response:
@@ -148,32 +156,38 @@ async def stream_request(
                 text = (await response.aread()).decode(errors="replace")
                 raise StreamError(f"HTTP {response.status_code}: {text[:_ERROR_TEXT_LIMIT]}")
             async for event in sse_events(response.aiter_lines()):
-                if "error" in event:
+                if event.get("error") is not None:
                     raise StreamError(f"error event: {_short(event['error'])}")
                 if _content_text(event):
                     content_times.append(time.perf_counter())
                 if (tokens := _completion_tokens(event)) is not None:
                     usage_tokens = tokens
+                finish_reason = _finish_reason(event) or finish_reason
     except (httpx.HTTPError, StreamError) as exc:
         error = f"{type(exc).__name__}: {exc}"
     end = time.perf_counter()
+    output_tokens, token_count = _output_tokens(
+        usage_tokens, finish_reason, body.get("max_tokens"), len(content_times)
+    )
     return RequestRecord(
         client=client_index,
         index=index,
         start=start - origin,
         end=end - origin,
         content_times=tuple(t - origin for t in content_times),
-        output_tokens=usage_tokens if usage_tokens is not None else len(content_times),
-        tokens_from_usage=usage_tokens is not None,
+        output_tokens=output_tokens,
+        token_count=token_count,
+        finish_reason=finish_reason,
         error=error,
     )
 
 
 async def sse_events(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, object]]:
-    """The JSON objects of a `data:` event stream, up to `data: [DONE]` or the end of the stream.
+    """The JSON objects of a `data:` event stream, up to `data: [DONE]`.
 
     Follows the SSE framing: an event is the `data:` lines up to a blank line, joined by newlines;
-    comments (`:`) and other fields are skipped.
+    comments (`:`) and other fields are skipped. A stream that ends before `[DONE]` was cut off
+    (a crash, a dropped connection) and raises `StreamError` after its last event.
     """
     data: list[str] = []
     async for line in lines:
@@ -188,8 +202,11 @@ async def sse_events(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, objec
         if payload == "[DONE]":
             return
         yield _parse_event(payload)
-    if data and (payload := "\n".join(data)) != "[DONE]":
+    if data:
+        if (payload := "\n".join(data)) == "[DONE]":
+            return
         yield _parse_event(payload)
+    raise StreamError("the stream ended before data: [DONE]")
 
 
 def _parse_event(payload: str) -> dict[str, object]:
@@ -202,18 +219,37 @@ def _parse_event(payload: str) -> dict[str, object]:
     return event
 
 
+def _first_choice(event: Mapping[str, object]) -> dict[str, object]:
+    choices = event.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        return choices[0]
+    return {}  # e.g. the usage chunk, whose `choices` is empty
+
+
 def _content_text(event: Mapping[str, object]) -> str:
     """The text a chunk adds: `choices[0].text` (completions) or `.delta.content` (chat)."""
-    choices = event.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        return ""
-    choice = choices[0]
+    choice = _first_choice(event)
     text = choice.get("text")
     if isinstance(text, str):
         return text
     delta = choice.get("delta")
     content = delta.get("content") if isinstance(delta, dict) else None
     return content if isinstance(content, str) else ""
+
+
+def _output_tokens(
+    usage_tokens: int | None, finish_reason: str | None, max_tokens: object, chunks: int
+) -> tuple[int, TokenCount]:
+    if usage_tokens is not None:
+        return usage_tokens, "usage"
+    if finish_reason == "length" and isinstance(max_tokens, int) and max_tokens >= chunks:
+        return max_tokens, "max_tokens"
+    return chunks, "chunks"
+
+
+def _finish_reason(event: Mapping[str, object]) -> str | None:
+    reason = _first_choice(event).get("finish_reason")
+    return reason if isinstance(reason, str) else None
 
 
 def _completion_tokens(event: Mapping[str, object]) -> int | None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from loadgen import LevelRun
+from loadgen import LevelRun, TokenCount
 
 __all__ = ["LevelMetrics", "percentile", "summarize"]
 
@@ -29,8 +30,10 @@ class LevelMetrics:
     itl_p50: float | None
     # Per request: (end - first token) / (tokens - 1); immune to servers that coalesce chunks.
     tpot_p50: float | None
-    # True when every successful request's token count came from `usage`, not chunk counting.
-    tokens_from_usage: bool
+    # How the successful requests' output tokens were counted (see `loadgen.TokenCount`).
+    token_counts: tuple[TokenCount, ...]
+    # Successful requests by the finish_reason their stream ended with ("-" for none).
+    finish_reasons: dict[str, int]
 
 
 def summarize(run: LevelRun) -> LevelMetrics:
@@ -55,7 +58,8 @@ def summarize(run: LevelRun) -> LevelMetrics:
         ttft_p95=percentile(ttfts, 95),
         itl_p50=percentile(gaps, 50),
         tpot_p50=percentile(tpots, 50),
-        tokens_from_usage=bool(ok) and all(r.tokens_from_usage for r in ok),
+        token_counts=tuple(sorted({r.token_count for r in ok})),
+        finish_reasons=dict(Counter(r.finish_reason or "-" for r in ok)),
     )
 
 

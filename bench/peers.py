@@ -53,10 +53,11 @@ class ProvisionError(Exception):
 def ensure_peers_python(venv: Path = PEERS_VENV) -> Path:
     """The python of a venv holding `llama-cpp-python[server]` at our pinned version."""
     python = venv / "bin" / "python"
+    install_log = CACHE_DIR / "logs" / f"{venv.name.lstrip('.')}.log"
     if not python.exists():
         log.info("creating %s", venv)
         base = shutil.which("python3") or sys.executable
-        _run([base, "-m", "venv", str(venv)], log_path=venv.with_name(venv.name + ".log"))
+        _run([base, "-m", "venv", str(venv)], log_path=install_log)
     installed = _llama_cpp_python_version(python)
     if installed != LLAMA_CPP_PYTHON_VERSION:
         requirement = f"llama-cpp-python[server]=={LLAMA_CPP_PYTHON_VERSION}"
@@ -67,7 +68,7 @@ def ensure_peers_python(venv: Path = PEERS_VENV) -> Path:
             installed or "nothing",
         )
         pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", requirement]
-        _run(pip, log_path=venv.with_name(venv.name + ".log"))
+        _run(pip, log_path=install_log)
     return python
 
 
@@ -79,7 +80,7 @@ def ensure_llama_server(*, sdist: Path | None = None, build_dir: Path = LLAMA_BU
     source = _llama_cpp_source(sdist or _download_sdist(CACHE_DIR))
     build_log = build_dir.parent / "llama-server-build.log"
     jobs = str(os.cpu_count() or 1)
-    log.info("building llama-server from %s (log: %s); ~8 min on 2 cores", source, build_log)
+    log.info("building llama-server from %s (log: %s); 4 to 8 min on 2 cores", source, build_log)
     build_dir.parent.mkdir(parents=True, exist_ok=True)
     build_log.unlink(missing_ok=True)
     configure = ["cmake", "-S", str(source), "-B", str(build_dir), *_LLAMA_CMAKE_FLAGS]
