@@ -432,7 +432,9 @@ def test_full_queue_answers_429(make_server) -> None:
         httpx.Client(base_url=server.base_url, headers=headers, timeout=60) as http,
         http.stream("POST", "/v1/completions", json=long) as running,
     ):
-        assert next(line for line in running.iter_lines() if line.startswith("data:"))
+        # Keep the line iterator referenced: dropping it would close the running stream.
+        running_lines = running.iter_lines()
+        assert next(line for line in running_lines if line.startswith("data:"))
         with http.stream("POST", "/v1/completions", json=long) as waiting:
             assert waiting.status_code == 200  # queued behind the running one
             refused = http.post("/v1/completions", json={**long, "stream": False})

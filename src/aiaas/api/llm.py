@@ -7,11 +7,13 @@ only authenticate, validate and pick streaming or not.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from aiaas.api.deps import PlatformDep, require
 from aiaas.api.sse import event_stream
@@ -110,12 +112,36 @@ async def _collect(
 # -- chat ------------------------------------------------------------------------------------
 
 
+class DeltaTemplate:
+    """The JSON of a plain text delta chunk, rendered without pydantic.
+
+    It is the one chunk sent per token per stream, so it is on the hot path; its shape is the
+    pydantic model's exactly (the tests compare streamed and full replies through the openai
+    client), with only the index and the text filled in.
+    """
+
+    def __init__(self, head: BaseModel, choice: str) -> None:
+        skeleton = head.model_dump_json()  # {"id":…,"choices":[],…}
+        before, _, after = skeleton.partition('"choices":[]')
+        self._head = f'{before}"choices":[{{"index":'
+        self._choice = choice
+        self._tail = f"}}]{after}"
+
+    def render(self, index: int, text: str) -> bytes:
+        content = json.dumps(text, ensure_ascii=False)
+        return f"{self._head}{index},{self._choice.format(content)}{self._tail}".encode()
+
+
 class ChatServing:
     def __init__(self, body: ChatCompletionRequest, gens: Generations) -> None:
         self.body = body
         self.gens = gens
         self.id = new_completion_id("chatcmpl")
         self.created = now_s()
+        self.delta = DeltaTemplate(
+            self._chunk([]),
+            '"delta":{{"role":null,"content":{}}},"logprobs":null,"finish_reason":null',
+        )
 
     async def full(self, request: Request) -> ChatCompletion:
         done = await _collect(request, self.gens)
@@ -146,7 +172,7 @@ class ChatServing:
             id=self.id, created=self.created, model=self.gens.model_id, choices=choices, usage=usage
         )
 
-    async def stream(self) -> AsyncIterator[ChatCompletionChunk]:
+    async def stream(self) -> AsyncIterator[ChatCompletionChunk | bytes]:
         n_choices = len(self.gens.requests)
         yield self._chunk(
             [
@@ -162,6 +188,9 @@ class ChatServing:
                 else None
             )
             if isinstance(event, Delta):
+                if logprobs is None:
+                    yield self.delta.render(index, event.text)
+                    continue
                 yield self._chunk(
                     [
                         ChatChunkChoice(
@@ -213,6 +242,9 @@ class CompletionServing:
         self.gens = gens
         self.id = new_completion_id("cmpl")
         self.created = now_s()
+        self.delta = DeltaTemplate(
+            self._chunk([]), '"text":{},"logprobs":null,"finish_reason":null'
+        )
 
     def _prefix(self, index: int) -> str:
         return self.gens.prompts[index // self.gens.n].text if self.body.echo else ""
@@ -258,7 +290,7 @@ class CompletionServing:
             id=self.id, created=self.created, model=self.gens.model_id, choices=choices, usage=usage
         )
 
-    async def stream(self) -> AsyncIterator[Completion]:
+    async def stream(self) -> AsyncIterator[Completion | bytes]:
         if self.body.echo:
             for i in range(len(self.gens.requests)):
                 yield self._chunk(
@@ -268,6 +300,9 @@ class CompletionServing:
         async for index, event in self.gens.events():
             logprobs = self._logprobs(list(event.logprobs), 0)
             if isinstance(event, Delta):
+                if logprobs is None:
+                    yield self.delta.render(index, event.text)
+                    continue
                 yield self._chunk(
                     [
                         CompletionChoice(

@@ -18,10 +18,12 @@ from aiaas.errors import ApiError, ServerError
 log = logging.getLogger("aiaas.api")
 
 
-async def _frames(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
+async def _frames(chunks: AsyncIterator[BaseModel | bytes]) -> AsyncIterator[bytes]:
+    """Frame each chunk; a chunk given as bytes is JSON the caller already rendered."""
     try:
         async for chunk in chunks:
-            yield b"data: " + chunk.model_dump_json().encode() + b"\n\n"
+            body = chunk if isinstance(chunk, bytes) else chunk.model_dump_json().encode()
+            yield b"data: " + body + b"\n\n"
     except ApiError as exc:
         yield b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
     except Exception:
@@ -31,7 +33,7 @@ async def _frames(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
     yield b"data: [DONE]\n\n"
 
 
-def event_stream(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
+def event_stream(chunks: AsyncIterator[BaseModel | bytes]) -> StreamingResponse:
     return StreamingResponse(
         _frames(chunks),
         media_type="text/event-stream",

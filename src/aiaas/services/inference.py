@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from starlette.concurrency import run_in_threadpool
@@ -85,6 +86,13 @@ class InferenceService:
     def __init__(self, pool: ModelPool, metrics: Metrics) -> None:
         self._pool = pool
         self._metrics = metrics
+        self._mailboxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}
+
+    def _mailbox(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
+        mailbox = self._mailboxes.get(loop)
+        if mailbox is None:
+            mailbox = self._mailboxes[loop] = Mailbox(loop)
+        return mailbox
 
     def models(self) -> list[Model]:
         return [Model(id=m.id, created=m.created, owned_by=m.owned_by) for m in self._pool.llms()]
@@ -177,7 +185,7 @@ class InferenceService:
         gens = Generations(
             engine=engine, model_id=loaded.id, org=org, prompts=prompts, n=n, metrics=self._metrics
         )
-        loop = asyncio.get_running_loop()
+        mailbox = self._mailbox(asyncio.get_running_loop())
 
         def prepare() -> list[GenerationRequest]:
             built = []
@@ -193,7 +201,7 @@ class InferenceService:
                             prompt.tokens,
                             seeded,
                             max_new_tokens=max_new,
-                            sink=_sink(loop, gens.queue, index),
+                            sink=mailbox.sink(gens.queue, index),
                             tenant=org,
                         )
                     )
@@ -214,13 +222,36 @@ class InferenceService:
         return gens
 
 
-def _sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[tuple[int, Event]], index: int):  # type: ignore[no-untyped-def]
-    """Hand an engine event to the loop; futures and queues are touched on the loop only."""
+class Mailbox:
+    """Hands engine events to the event loop, one wake-up per burst rather than per event.
 
-    def deliver(event: Event) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (index, event))
-        except RuntimeError:  # the loop closed at shutdown: nobody is listening any more
-            return
+    An engine step emits one event per running request at once; waking the loop for each cost
+    a syscall and a loop turn apiece. Queues are still only touched on the loop's thread.
+    """
 
-    return deliver
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue[tuple[int, Event]], tuple[int, Event]]] = []
+        self._scheduled = False
+
+    def sink(self, queue: asyncio.Queue[tuple[int, Event]], index: int) -> Callable[[Event], None]:
+        def deliver(event: Event) -> None:
+            with self._lock:
+                self._items.append((queue, (index, event)))
+                if self._scheduled:
+                    return
+                self._scheduled = True
+            try:
+                self._loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop closed at shutdown: nobody is listening any more
+                return
+
+        return deliver
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        for queue, item in items:
+            queue.put_nowait(item)

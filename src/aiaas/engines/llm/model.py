@@ -7,6 +7,7 @@ pieces are read-only uses of the vocabulary and are safe from any thread.
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,18 @@ from pathlib import Path
 import llama_cpp
 
 from aiaas.errors import ConfigurationError, InvalidRequest
+
+_llama_log = logging.getLogger("aiaas.llama_cpp")
+_LLAMA_LEVELS = {1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+
+
+@llama_cpp.llama_log_callback
+def _route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    """llama.cpp's own log lines, into our JSON logs (its chatter at debug level)."""
+    message = text.decode("utf-8", errors="replace").rstrip()
+    if message:
+        severity = _LLAMA_LEVELS.get(level, logging.DEBUG)
+        _llama_log.log(logging.DEBUG if severity == logging.INFO else severity, "%s", message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +46,8 @@ class LlamaModel:
     def __init__(self, path: Path) -> None:
         if not path.is_file():
             raise ConfigurationError(f"model file {path} does not exist")
-        # Idempotent in llama.cpp (it initialises static tables once), so each model may call it.
+        # Both are idempotent in llama.cpp, so each model may call them.
+        llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
         params.use_mmap = True
@@ -43,6 +57,7 @@ class LlamaModel:
         self.vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}  # a per-token cache: one ctypes call per token id, ever
         self._pieces_lock = threading.Lock()
         bos = llama_cpp.llama_vocab_bos(self.vocab)
         eos = llama_cpp.llama_vocab_eos(self.vocab)
@@ -118,7 +133,10 @@ class LlamaModel:
         return cached
 
     def is_eog(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        known = self._eog.get(token)
+        if known is None:
+            known = self._eog[token] = bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        return known
 
     def valid_token(self, token: int) -> bool:
         return 0 <= token < self.n_vocab
