@@ -6,7 +6,6 @@ Requests forbid unknown fields: a typo in a parameter is a 400 naming it, never 
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -338,10 +337,6 @@ def now_s() -> int:
     return int(time.time())
 
 
-def dump_json(model: BaseModel) -> str:
-    return model.model_dump_json(exclude_none=False)
-
-
 __all__ = [
     "ChatCompletion",
     "ChatCompletionChunk",
@@ -351,5 +346,4 @@ __all__ = [
     "Model",
     "ModelList",
     "Usage",
-    "json",
 ]
