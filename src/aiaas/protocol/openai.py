@@ -329,6 +329,62 @@ class Completion(BaseModel):
     system_fingerprint: str | None = None
 
 
+# -- embeddings ------------------------------------------------------------------------------
+
+MAX_EMBEDDING_ITEMS = 2048
+
+
+class EmbeddingRequest(Request):
+    model: ModelId
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text, texts, or token ids (one list per input)."
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("input")
+    @classmethod
+    def _bounded_input(
+        cls, value: str | list[str] | list[int] | list[list[int]]
+    ) -> str | list[str] | list[int] | list[list[int]]:
+        items = [value] if isinstance(value, str) else value
+        if not items:
+            raise ValueError("input must not be empty")
+        if len(items) > MAX_EMBEDDING_ITEMS:
+            raise ValueError(f"at most {MAX_EMBEDDING_ITEMS} inputs per request")
+        for item in items:
+            if isinstance(item, str | list) and len(item) == 0:
+                raise ValueError("an input must not be empty")
+        return value
+
+    def items(self) -> list[str] | list[list[int]]:
+        """Each input as text or as token ids."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if all(isinstance(i, int) for i in self.input):
+            return [[int(i) for i in self.input]]  # type: ignore[union-attr]
+        return list(self.input)  # type: ignore[arg-type]
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 def new_completion_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -343,6 +399,8 @@ __all__ = [
     "ChatCompletionRequest",
     "Completion",
     "CompletionRequest",
+    "EmbeddingList",
+    "EmbeddingRequest",
     "Model",
     "ModelList",
     "Usage",

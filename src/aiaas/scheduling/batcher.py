@@ -1,0 +1,399 @@
+"""Dynamic batching: merge concurrent requests into few, well-filled calls of a work function.
+
+Callers `await batcher.submit(items, tenant=..., weight=...)` and get one result per item, in
+their order. Behind that door:
+
+    submit (event loop) --push--> AdmissionPolicy: waiting requests, at most max_queued_items
+        scheduler thread: once a worker is free, waits up to max_wait_ms for a full batch,
+        takes items in the policy's order, sorts them by size and cuts them into batches that
+        respect max_batch_items and max_batch_tokens, dropping items whose client left
+    work thread(s): results = work(batch)
+        results go back to each request's future through loop.call_soon_threadsafe
+
+Sorting pays because a batch costs its item count times its longest item (everything is padded
+to it): short and long inputs that arrive together run as two calls instead of one padded call.
+
+The scheduler thread forms batches, work threads run `work` and hand results back, the event
+loop only awaits; everything they share sits behind one condition variable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import partial
+from typing import Generic, NamedTuple, Protocol, TypeVar, cast
+
+from aiaas.errors import (
+    ConfigurationError,
+    InvalidRequest,
+    PayloadTooLarge,
+    RateLimited,
+    ServerError,
+    ServiceUnavailable,
+)
+from aiaas.scheduling.fair import AdmissionPolicy, FifoPolicy, Ticket
+
+__all__ = ["BatchRequest", "BatcherConfig", "BatcherStats", "DynamicBatcher", "Results"]
+
+In = TypeVar("In")  # one input item, e.g. a list of token ids
+Out = TypeVar("Out")  # its result, e.g. a vector
+Row = TypeVar("Row", covariant=True)
+
+
+class Results(Protocol[Row]):
+    """What `work` returns: one result per item, by position (a list, or a numpy matrix)."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int, /) -> Row: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherConfig:
+    max_batch_items: int = 32
+    max_batch_tokens: int = 8192  # per work call: items x size of its largest item (padded)
+    max_wait_ms: float = 5.0  # how long a waiting item may be held back to fill a batch
+    max_queued_items: int = 2048  # waiting items before submit answers 429
+    workers: int = 1  # work calls in flight at once
+    # The fixed cost of one work call, in size units: sorted items are split into two calls
+    # only where the padding saved outweighs it. MiniLM on ORT: 16 to 64 all run mixed-length
+    # traffic 2x faster than one padded call; 32 makes fewer calls.
+    batch_overhead_tokens: int = 32
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        counts = (self.max_batch_items, self.max_batch_tokens, self.max_queued_items, self.workers)
+        if min(counts) < 1 or self.batch_overhead_tokens < 1 or self.max_wait_ms < 0:
+            raise ConfigurationError(f"batcher limits must be positive: {self}")
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherStats:
+    waiting_requests: int
+    waiting_items: int
+    in_flight: int  # work calls running now
+    batches: int  # work calls finished
+    items: int  # items those calls held
+    dropped_items: int  # items never run because their client left
+
+
+@dataclass(eq=False)
+class BatchRequest(Generic[In, Out]):
+    """One `submit` call: its items, where their results go, and how far it has got."""
+
+    items: list[In]
+    sizes: list[int]
+    future: asyncio.Future[list[Out]]
+    loop: asyncio.AbstractEventLoop
+    arrived: float  # time.monotonic() at submit
+    remaining: int  # items whose result is still missing
+    results: list[Out | None]  # filled by position as batches finish
+    taken: int = 0  # items handed to batches so far
+    closed: bool = False  # answered, failed or cancelled: its leftover items are skipped
+
+
+class _Item(NamedTuple, Generic[In, Out]):
+    request: BatchRequest[In, Out]
+    offset: int  # where in the request's items
+    size: int
+
+
+class _State(StrEnum):
+    NEW = "new"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+class DynamicBatcher(Generic[In, Out]):
+    def __init__(
+        self,
+        work: Callable[[list[In]], Results[Out]],
+        *,
+        size: Callable[[In], int] | None = None,
+        config: BatcherConfig | None = None,
+        policy: AdmissionPolicy[BatchRequest[In, Out]] | None = None,
+        name: str = "batcher",
+    ) -> None:
+        """`work` maps a batch to one result per item, in order; it runs on a work thread.
+        `size` (e.g. tokens per item) must be cheap: it runs on the caller's thread in submit."""
+        self.name = name
+        self.config = config or BatcherConfig()
+        self._work = work
+        self._size = size or (lambda _item: 1)
+        self._policy: AdmissionPolicy[BatchRequest[In, Out]] = policy or FifoPolicy()
+        self._cond = threading.Condition()
+        self._state = _State.NEW
+        self._waiting_items = 0
+        self._waiting_size = 0
+        self._in_flight = 0
+        self._batches = self._items_run = self._dropped = 0  # counters for stats()
+        self._scheduler: threading.Thread | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._cond:
+            if self._state is not _State.NEW:
+                raise RuntimeError(f"batcher {self.name} is {self._state}; it starts once")
+            self._state = _State.RUNNING
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.config.workers, thread_name_prefix=f"{self.name}-work"
+        )
+        self._scheduler = threading.Thread(
+            target=self._schedule, name=f"{self.name}-scheduler", daemon=True
+        )
+        self._scheduler.start()
+
+    def close(self) -> None:
+        """Stop taking work: waiting requests get 503, batches already running finish."""
+        with self._cond:
+            self._state = _State.CLOSED
+            self._cond.notify_all()
+        if self._scheduler is not None:
+            self._scheduler.join()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)  # joining threads must not block the loop
+
+    async def __aenter__(self) -> DynamicBatcher[In, Out]:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- the public doors ----------------------------------------------------------------------
+
+    async def submit(
+        self, items: Sequence[In], *, tenant: str = "-", weight: float = 1.0
+    ) -> list[Out]:
+        """Results for exactly `items`, in order. 429 when the queue is full; cancelling the
+        awaiting task withdraws the items that have not run yet."""
+        if not items:
+            return []
+        self._check_sizes(sizes := [self._size(item) for item in items])
+        loop = asyncio.get_running_loop()
+        request: BatchRequest[In, Out] = BatchRequest(
+            items=list(items),
+            sizes=sizes,
+            future=loop.create_future(),
+            loop=loop,
+            arrived=time.monotonic(),
+            remaining=len(sizes),
+            results=[None] * len(sizes),
+        )
+        with self._cond:
+            if self._state is not _State.RUNNING:
+                raise ServiceUnavailable(f"{self.name} is not running")
+            if self._waiting_items + len(items) > self.config.max_queued_items:
+                raise RateLimited(
+                    f"{self.name} has {self._waiting_items} items waiting "
+                    f"(limit {self.config.max_queued_items}); try again soon.",
+                    headers={"Retry-After": str(self.config.retry_after_s)},
+                )
+            ticket = Ticket(item=request, tenant=tenant, weight=weight, cost=float(sum(sizes)))
+            self._policy.push(ticket)
+            self._waiting_items += len(items)
+            self._waiting_size += sum(sizes)
+            self._cond.notify_all()
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            with self._cond:
+                self._withdraw(request)
+            raise
+
+    def is_overloaded(self) -> bool:
+        """True when the queue is full: a router can answer 429 without building the request."""
+        with self._cond:
+            return self._waiting_items >= self.config.max_queued_items
+
+    def stats(self) -> BatcherStats:
+        with self._cond:
+            return BatcherStats(
+                waiting_requests=len(self._policy),
+                waiting_items=self._waiting_items,
+                in_flight=self._in_flight,
+                batches=self._batches,
+                items=self._items_run,
+                dropped_items=self._dropped,
+            )
+
+    def _check_sizes(self, sizes: list[int]) -> None:
+        if (count := len(sizes)) > self.config.max_queued_items:
+            limit = self.config.max_queued_items
+            raise PayloadTooLarge(
+                f"{count} inputs; {self.name} queues at most {limit}", param="input"
+            )
+        for index, size in enumerate(sizes):
+            if not 1 <= size <= self.config.max_batch_tokens:
+                raise InvalidRequest(
+                    f"input {index} has size {size}; {self.name} takes 1 to "
+                    f"{self.config.max_batch_tokens} per item",
+                    param="input",
+                )
+
+    # -- the scheduler thread ------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        try:
+            while (taken := self._next_round()) is not None:
+                taken.sort(key=lambda item: item.size)  # stable: equal sizes keep policy order
+                for start, end in _plan_batches([item.size for item in taken], self.config):
+                    self._dispatch(taken[start:end])
+        finally:  # even if a policy raised: nobody may wait forever on a dead scheduler
+            self._fail_waiting(ServiceUnavailable(f"{self.name} stopped"))
+
+    def _next_round(self) -> list[_Item[In, Out]] | None:
+        """Wait for a free worker and for work, hold it up to max_wait_ms to fill a batch, and
+        take one batch worth of items in policy order; None once closed."""
+        config = self.config
+        with self._cond:
+            while True:
+                if self._state is _State.CLOSED:
+                    return None
+                head = self._policy.peek()
+                if head is None or self._in_flight >= config.workers:
+                    self._cond.wait()
+                    continue
+                full = (
+                    self._waiting_items >= config.max_batch_items
+                    or self._waiting_size >= config.max_batch_tokens
+                )
+                left = head.item.arrived + config.max_wait_ms / 1000 - time.monotonic()
+                if full or left <= 0:
+                    return self._take()
+                self._cond.wait(left)
+
+    def _take(self) -> list[_Item[In, Out]]:
+        """Items in policy order up to one batch's item count and summed size (lock held)."""
+        taken: list[_Item[In, Out]] = []
+        total = 0
+        while len(taken) < self.config.max_batch_items and (ticket := self._policy.peek()):
+            request = ticket.item
+            while request.taken < len(request.items) and len(taken) < self.config.max_batch_items:
+                size = request.sizes[request.taken]
+                if taken and total + size > self.config.max_batch_tokens:
+                    break
+                taken.append(_Item(request, request.taken, size))
+                total += size
+                request.taken += 1
+            if request.taken < len(request.items):
+                break  # the round is full; the rest of this request leads the next one
+            self._policy.pop()
+        self._waiting_items -= len(taken)
+        self._waiting_size -= total
+        return taken
+
+    def _dispatch(self, batch: list[_Item[In, Out]]) -> None:
+        """Run one batch on a work thread once one is free, without the items of gone clients."""
+        with self._cond:
+            while self._in_flight >= self.config.workers:
+                self._cond.wait()
+            live = [item for item in batch if not item.request.closed]
+            self._dropped += len(batch) - len(live)
+            if not live:
+                return
+            self._in_flight += 1
+        assert self._executor is not None
+        # The executor turns whatever `work` raises into the future's exception, which
+        # `_deliver` hands to the callers: a failing batch fails its requests, not this thread.
+        done = self._executor.submit(self._work, [item.request.items[item.offset] for item in live])
+        done.add_done_callback(partial(self._deliver, live))
+
+    # -- work threads: hand results back -------------------------------------------------------
+
+    def _deliver(self, batch: list[_Item[In, Out]], done: Future[Results[Out]]) -> None:
+        error = done.exception()
+        results: Results[Out] = ()
+        if error is None and len(results := done.result()) != len(batch):
+            error = ServerError(f"{self.name}: {len(results)} results for {len(batch)} items")
+        answers: list[tuple[BatchRequest[In, Out], BaseException | None]] = []
+        with self._cond:
+            self._in_flight -= 1
+            self._batches += 1
+            self._items_run += len(batch)
+            for position, item in enumerate(batch):
+                request = item.request
+                if request.closed:
+                    continue
+                if error is not None:
+                    self._withdraw(request)
+                    answers.append((request, error))
+                    continue
+                request.results[item.offset] = results[position]
+                request.remaining -= 1
+                if request.remaining == 0:
+                    request.closed = True
+                    answers.append((request, None))
+            self._cond.notify_all()
+        for request, failure in answers:
+            _post(request, failure)
+
+    def _withdraw(self, request: BatchRequest[In, Out]) -> None:
+        """Close a request and drop its items that are still waiting (lock held)."""
+        request.closed = True
+        if self._policy.remove(request):
+            left = request.sizes[request.taken :]
+            self._waiting_items -= len(left)
+            self._waiting_size -= sum(left)
+            self._dropped += len(left)
+            self._cond.notify_all()
+
+    def _fail_waiting(self, error: BaseException) -> None:
+        failed: list[BatchRequest[In, Out]] = []
+        with self._cond:
+            self._state = _State.CLOSED  # also when the scheduler died: refuse new work
+            while len(self._policy):
+                failed.append(self._policy.pop().item)
+                failed[-1].closed = True
+            self._waiting_items = self._waiting_size = 0
+        for request in failed:
+            _post(request, error)
+
+
+def _plan_batches(sizes: list[int], config: BatcherConfig) -> list[tuple[int, int]]:
+    """Cut ascending `sizes` into runs [start, end) that minimise the padded cost
+    sum(overhead + count * largest), each within max_batch_items and max_batch_tokens."""
+    count = len(sizes)
+    best = [0.0] + [math.inf] * count
+    cut = [0] * (count + 1)
+    for end in range(1, count + 1):
+        largest = sizes[end - 1]
+        for start in range(end - 1, max(end - config.max_batch_items, 0) - 1, -1):
+            if (end - start) * largest > config.max_batch_tokens:
+                break
+            cost = best[start] + config.batch_overhead_tokens + (end - start) * largest
+            if cost <= best[end]:  # on a tie, the larger batch
+                best[end], cut[end] = cost, start
+    runs: list[tuple[int, int]] = []
+    end = count
+    while end > 0:
+        runs.append((cut[end], end))
+        end = cut[end]
+    return runs[::-1]
+
+
+def _post(request: BatchRequest[In, Out], error: BaseException | None) -> None:
+    """Complete a request's future on its own loop's thread."""
+    with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody is waiting
+        request.loop.call_soon_threadsafe(_settle, request, error)
+
+
+def _settle(request: BatchRequest[In, Out], error: BaseException | None) -> None:
+    if request.future.done():  # cancelled by its caller meanwhile
+        return
+    if error is not None:
+        request.future.set_exception(error)
+    else:
+        request.future.set_result(cast(list[Out], request.results))
