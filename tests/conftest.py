@@ -214,7 +214,7 @@ def sqlite_server(make_server: Callable[..., Server]) -> Server:
     return srv
 
 
-LLM_MODELS = "smollm2-135m-instruct,gemma-3-270m"
+LLM_MODELS = "smollm2-135m-instruct,gemma-3-270m,all-minilm-l6-v2"
 LLM_SETTINGS = {
     "models": LLM_MODELS,
     "llm_slots": "8",

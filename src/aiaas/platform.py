@@ -16,12 +16,15 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from aiaas.domain import IssuedKey
+from aiaas.engines.embeddings.export import minilm_l6_v2_dir
 from aiaas.engines.llm.bundled import BUNDLED_GGUF
 from aiaas.engines.llm.engine import EngineConfig
-from aiaas.engines.pool import LlmSpec, ModelPool
+from aiaas.engines.pool import EmbedderSpec, LlmSpec, ModelPool
 from aiaas.errors import ConfigurationError
 from aiaas.observability.metrics import Metrics
+from aiaas.scheduling.batcher import BatcherConfig
 from aiaas.services.audit import AuditService
+from aiaas.services.embeddings import EmbeddingService
 from aiaas.services.inference import InferenceService
 from aiaas.services.keys import KeyService
 from aiaas.services.tenancy import TenancyService
@@ -32,6 +35,8 @@ from aiaas.storage.db import Database
 from aiaas.storage.repos.data_keys import DataKeyRepo
 
 log = logging.getLogger("aiaas.platform")
+
+MINILM_ID = "all-minilm-l6-v2"
 
 
 @dataclass
@@ -58,6 +63,7 @@ class Platform:
     readiness: Readiness
     pool: ModelPool
     inference: InferenceService
+    embeddings: EmbeddingService
 
     @classmethod
     def open(cls, settings: Settings) -> Platform:
@@ -111,11 +117,12 @@ class Platform:
             readiness=Readiness(),
             pool=pool,
             inference=InferenceService(pool, metrics),
+            embeddings=EmbeddingService(pool, metrics),
         )
 
     def start_models(self) -> None:
         """Load the configured models in the background; `/health` is 503 until they are in."""
-        specs = llm_specs(self.settings)
+        specs = model_specs(self.settings)
         self.readiness.loading.update(spec.id for spec in specs)
         self.pool.load_in_background(specs, on_done=self.readiness.loading.discard)
 
@@ -132,16 +139,28 @@ class Platform:
         self.db.close()
 
 
-def llm_specs(settings: Settings) -> list[LlmSpec]:
-    """The GGUF models to load: the bundled ones named in AIAAS_MODELS, then AIAAS_GGUF_MODELS."""
+def model_specs(settings: Settings) -> list[LlmSpec | EmbedderSpec]:
+    """The models to load: the bundled ones named in AIAAS_MODELS, then AIAAS_GGUF_MODELS."""
     cache = settings.data_dir / "models"
-    specs = []
+    specs: list[LlmSpec | EmbedderSpec] = []
     for model_id in settings.model_ids:
         if model_id in BUNDLED_GGUF:
             locate = BUNDLED_GGUF[model_id]
             specs.append(LlmSpec(id=model_id, locate=functools.partial(locate, cache)))
-        elif model_id in BUNDLED_MODELS:
-            log.warning("bundled model %s has no engine in this build yet; skipping it", model_id)
+        elif model_id == MINILM_ID:
+            specs.append(
+                EmbedderSpec(
+                    id=model_id,
+                    locate=minilm_l6_v2_dir,
+                    cache_dir=cache / "embeddings",
+                    variant=settings.embeddings_variant,
+                    threads=settings.embeddings_threads,
+                    batch=BatcherConfig(
+                        max_batch_items=settings.embeddings_max_batch,
+                        max_wait_ms=settings.embeddings_max_wait_ms,
+                    ),
+                )
+            )
         else:
             raise ConfigurationError(
                 f"AIAAS_MODELS names {model_id!r}; bundled models are {', '.join(BUNDLED_MODELS)}"
@@ -154,7 +173,7 @@ def llm_specs(settings: Settings) -> list[LlmSpec]:
         raise ConfigurationError(f"AIAAS_CHAT_TEMPLATES names models not loaded: {sorted(unknown)}")
     return [
         dataclasses.replace(spec, chat_template=_read_template(templates[spec.id]))
-        if spec.id in templates
+        if spec.id in templates and isinstance(spec, LlmSpec)
         else spec
         for spec in specs
     ]

@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     llm_max_waiting: int = Field(
         default=256, ge=1, description="Queued requests per model before 429."
     )
+    embeddings_variant: Literal["fp32", "int8"] = Field(
+        default="int8", description="Which ONNX variant serves embeddings."
+    )
+    embeddings_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    embeddings_max_batch: int = Field(default=32, ge=1, le=1024)
+    embeddings_max_wait_ms: float = Field(default=5.0, ge=0, le=1000)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_key_lifetime_days: int = Field(default=3650, ge=1)

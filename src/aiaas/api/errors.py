@@ -62,10 +62,18 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(error)
 
 
+# Pydantic names the member of a union it tried ("str", "list[str]", "function-after[...]")
+# inside the location; those are types, not parameters.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
+def _is_type_tag(part: str) -> bool:
+    return part in _TYPE_TAGS or ("[" in part and part.endswith("]"))
+
+
 def _param(loc: tuple[Any, ...]) -> str | None:
-    parts = (
-        [str(p) for p in loc[1:]] if loc and loc[0] in {"body", "query", "path", "header"} else []
-    )
+    in_request = bool(loc) and loc[0] in {"body", "query", "path", "header"}
+    parts = [str(p) for p in loc[1:] if not _is_type_tag(str(p))] if in_request else []
     if not parts:
         return None
     text = parts[0]

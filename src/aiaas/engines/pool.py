@@ -14,10 +14,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+import numpy as np
+
+from aiaas.engines.embeddings.encoder import SentenceEncoder
+from aiaas.engines.embeddings.export import Variant, export_sentence_encoder
 from aiaas.engines.llm.chat_template import ChatTemplate
 from aiaas.engines.llm.engine import EngineConfig, LlmEngine
 from aiaas.engines.llm.model import LlamaModel
-from aiaas.errors import ConfigurationError, ModelNotFound, ServiceUnavailable
+from aiaas.errors import ConfigurationError, InvalidRequest, ModelNotFound, ServiceUnavailable
+from aiaas.scheduling.batcher import BatcherConfig, DynamicBatcher
 
 log = logging.getLogger("aiaas.engines.pool")
 
@@ -50,15 +55,37 @@ class LlmSpec:
 
 
 @dataclass
+class LoadedEmbedder:
+    id: str
+    encoder: SentenceEncoder
+    batcher: DynamicBatcher[list[int], np.ndarray]
+    created: int
+    owned_by: str = "aiaas"
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedderSpec:
+    """How to load one sentence encoder: export (cached) and serve one ONNX variant."""
+
+    id: str
+    locate: Callable[[], Path]  # the sentence-transformers folder
+    cache_dir: Path
+    variant: Variant
+    threads: int
+    batch: BatcherConfig
+
+
+@dataclass
 class ModelPool:
     config: EngineConfig
     _llms: dict[str, LoadedLlm] = field(default_factory=dict)
+    _embedders: dict[str, LoadedEmbedder] = field(default_factory=dict)
     _loading: set[str] = field(default_factory=set)
     _failed: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def load_in_background(
-        self, specs: list[LlmSpec], on_done: Callable[[str], None]
+        self, specs: list[LlmSpec | EmbedderSpec], on_done: Callable[[str], None]
     ) -> threading.Thread:
         with self._lock:
             self._loading.update(spec.id for spec in specs)
@@ -66,7 +93,10 @@ class ModelPool:
         def load_all() -> None:
             for spec in specs:
                 try:
-                    self.load_llm(spec)
+                    if isinstance(spec, EmbedderSpec):
+                        self.load_embedder(spec)
+                    else:
+                        self.load_llm(spec)
                 except ConfigurationError as exc:
                     log.error("could not load model %s: %s", spec.id, exc)
                     with self._lock:
@@ -107,6 +137,51 @@ class ModelPool:
         )
         return loaded
 
+    def load_embedder(self, spec: EmbedderSpec) -> LoadedEmbedder:
+        started = time.perf_counter()
+        exported = export_sentence_encoder(spec.locate(), spec.cache_dir, name=spec.id)
+        encoder = SentenceEncoder(exported, variant=spec.variant, intra_op_threads=spec.threads)
+        batcher: DynamicBatcher[list[int], np.ndarray] = DynamicBatcher(
+            encoder.encode_ids, size=len, config=spec.batch, name=spec.id
+        )
+        batcher.start()
+        loaded = LoadedEmbedder(
+            id=spec.id, encoder=encoder, batcher=batcher, created=int(time.time())
+        )
+        with self._lock:
+            self._embedders[spec.id] = loaded
+        log.info(
+            "loaded embedding model %s (%s) in %.1f s",
+            spec.id,
+            spec.variant,
+            time.perf_counter() - started,
+            extra={"model": spec.id},
+        )
+        return loaded
+
+    def embedder(self, model_id: str) -> LoadedEmbedder:
+        with self._lock:
+            loaded = self._embedders.get(model_id)
+            loading = model_id in self._loading
+            is_llm = model_id in self._llms
+        if loaded is not None:
+            return loaded
+        if loading:
+            raise ServiceUnavailable(
+                f"The model '{model_id}' is still loading.", headers={"Retry-After": "2"}
+            )
+        if is_llm:
+            raise InvalidRequest(
+                f"The model '{model_id}' is a text-generation model; it does not serve embeddings.",
+                param="model",
+                code="model_not_embedding",
+            )
+        raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
+
+    def embedders(self) -> list[LoadedEmbedder]:
+        with self._lock:
+            return list(self._embedders.values())
+
     def llm(self, model_id: str) -> LoadedLlm:
         with self._lock:
             loaded = self._llms.get(model_id)
@@ -117,6 +192,12 @@ class ModelPool:
             raise ServiceUnavailable(
                 f"The model '{model_id}' is still loading.", headers={"Retry-After": "2"}
             )
+        if model_id in self._embedders:
+            raise InvalidRequest(
+                f"The model '{model_id}' is an embedding model; use /v1/embeddings.",
+                param="model",
+                code="model_not_generative",
+            )
         raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
 
     def llms(self) -> list[LoadedLlm]:
@@ -126,6 +207,9 @@ class ModelPool:
     def close(self) -> None:
         with self._lock:
             loaded, self._llms = list(self._llms.values()), {}
+            embedders, self._embedders = list(self._embedders.values()), {}
+        for embedder in embedders:
+            embedder.batcher.close()
         for llm in loaded:
             llm.engine.close()
             llm.model.close()

@@ -19,7 +19,7 @@ from aiaas.domain import Principal
 from aiaas.engines.llm.engine import GenerationRequest, LlmEngine
 from aiaas.engines.llm.params import Delta, Event, Failed, Final, SamplingParams
 from aiaas.engines.pool import LoadedLlm, ModelPool
-from aiaas.errors import ContextLengthExceeded, InvalidRequest, ServerError
+from aiaas.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, ServerError
 from aiaas.observability.metrics import Metrics
 from aiaas.protocol.openai import ChatCompletionRequest, CompletionRequest, Model
 
@@ -95,11 +95,14 @@ class InferenceService:
         return mailbox
 
     def models(self) -> list[Model]:
-        return [Model(id=m.id, created=m.created, owned_by=m.owned_by) for m in self._pool.llms()]
+        loaded = [*self._pool.llms(), *self._pool.embedders()]
+        return [Model(id=m.id, created=m.created, owned_by=m.owned_by) for m in loaded]
 
     def model(self, model_id: str) -> Model:
-        loaded = self._pool.llm(model_id)
-        return Model(id=loaded.id, created=loaded.created, owned_by=loaded.owned_by)
+        for known in self.models():
+            if known.id == model_id:
+                return known
+        raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
 
     async def chat(self, principal: Principal, request: ChatCompletionRequest) -> Generations:
         loaded = self._pool.llm(request.model)

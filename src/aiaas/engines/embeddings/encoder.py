@@ -63,6 +63,10 @@ class SentenceEncoder:
         return self.pooling.dimension
 
     @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
     def max_seq_length(self) -> int:
         return self.pooling.max_seq_length
 
