@@ -465,3 +465,16 @@ def test_a_registered_template_makes_a_base_model_chat(make_server, tmp_path) ->
     assert reply.usage.prompt_tokens == same.usage.prompt_tokens
     assert reply.choices[0].message.content == same.choices[0].text
     server.stop()
+
+
+def test_a_model_that_fails_to_load_does_not_block_the_others(make_server, tmp_path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)  # a header and nothing else
+    server = make_server("sqlite", models=BASE_MODEL, gguf_models=f"broken={broken}")
+    server.start()  # waits for /health 200: every model finished loading or failing
+    org = create_org(server)
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=org.api_key, max_retries=0)
+    assert {m.id for m in client.models.list()} == {BASE_MODEL}
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="broken", prompt="x")
+    server.stop()

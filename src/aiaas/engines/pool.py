@@ -101,6 +101,11 @@ class ModelPool:
                     log.error("could not load model %s: %s", spec.id, exc)
                     with self._lock:
                         self._failed[spec.id] = str(exc)
+                except Exception as exc:  # the loader's top level: one bad model must not
+                    # stop the others from loading or leave /health at 503 for ever
+                    log.exception("loading model %s failed", spec.id)
+                    with self._lock:
+                        self._failed[spec.id] = f"{type(exc).__name__}: {exc}"
                 finally:
                     with self._lock:
                         self._loading.discard(spec.id)
