@@ -73,8 +73,10 @@ class Settings(BaseSettings):
     llm_max_waiting: int = Field(
         default=256, ge=1, description="Queued requests per model before 429."
     )
+    # fp32 by default: int8's dynamic activation scales are per batch, so a request's vector
+    # would shift with whatever other tenants' inputs share its batch.
     embeddings_variant: Literal["fp32", "int8"] = Field(
-        default="int8", description="Which ONNX variant serves embeddings."
+        default="fp32", description="Which ONNX variant serves embeddings."
     )
     embeddings_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     embeddings_max_batch: int = Field(default=32, ge=1, le=1024)

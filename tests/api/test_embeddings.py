@@ -1,4 +1,4 @@
-"""/v1/embeddings with the openai client on the bundled all-minilm-l6-v2 (int8 by default)."""
+"""/v1/embeddings with the openai client on the bundled all-minilm-l6-v2 (fp32 by default)."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def test_vectors_match_sentence_transformers(client: openai.OpenAI) -> None:
     )
     ours = _vectors(client, texts, encoding_format="float")
     cosine = (ours * reference).sum(axis=1) / np.linalg.norm(ours, axis=1)
-    assert cosine.min() >= 0.98, cosine.min()  # the int8 variant serves by default
+    assert cosine.min() >= 0.999, cosine.min()  # fp32 serves by default
 
 
 def test_base64_decodes_to_the_float_vectors(llm_server: Server, org: Org) -> None:
@@ -135,12 +135,8 @@ def test_64_concurrent_clients_get_their_own_vectors_in_order(llm_server: Server
     for texts, got in zip(batches, results, strict=True):
         alone = _vectors(client, texts, encoding_format="float")
         assert got.shape == alone.shape
-        # Their own vectors: int8's dynamic activation scales depend on the batch a request
-        # lands in, so batched and alone agree to the int8 bar, and each row is closer to its
-        # own text's vector than to any other's.
-        similarity = got @ alone.T
-        assert similarity.diagonal().min() >= 0.98
-        assert (similarity.argmax(axis=1) == np.arange(len(texts))).all()
+        # Their own vectors, whoever shared their batch: fp32 results do not depend on it.
+        assert ((got * alone).sum(axis=1)).min() >= 0.99999
 
 
 @pytest.mark.parametrize(
