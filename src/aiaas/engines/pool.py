@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -25,6 +26,8 @@ from aiaas.errors import ConfigurationError, InvalidRequest, ModelNotFound, Serv
 from aiaas.scheduling.batcher import BatcherConfig, DynamicBatcher
 
 log = logging.getLogger("aiaas.engines.pool")
+
+M = TypeVar("M")
 
 
 class ModelKind(StrEnum):
@@ -165,44 +168,39 @@ class ModelPool:
         return loaded
 
     def embedder(self, model_id: str) -> LoadedEmbedder:
-        with self._lock:
-            loaded = self._embedders.get(model_id)
-            loading = model_id in self._loading
-            is_llm = model_id in self._llms
-        if loaded is not None:
-            return loaded
-        if loading:
-            raise ServiceUnavailable(
-                f"The model '{model_id}' is still loading.", headers={"Retry-After": "2"}
-            )
-        if is_llm:
-            raise InvalidRequest(
-                f"The model '{model_id}' is a text-generation model; it does not serve embeddings.",
-                param="model",
-                code="model_not_embedding",
-            )
-        raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
+        return self._find(
+            self._embedders,
+            model_id,
+            wrong_kind="is a text-generation model; it does not serve embeddings",
+            code="model_not_embedding",
+        )
 
     def embedders(self) -> list[LoadedEmbedder]:
         with self._lock:
             return list(self._embedders.values())
 
     def llm(self, model_id: str) -> LoadedLlm:
+        return self._find(
+            self._llms,
+            model_id,
+            wrong_kind="is an embedding model; use /v1/embeddings",
+            code="model_not_generative",
+        )
+
+    def _find(self, table: dict[str, M], model_id: str, *, wrong_kind: str, code: str) -> M:
+        """The loaded model, or the error that says why not: loading, other kind, unknown."""
         with self._lock:
-            loaded = self._llms.get(model_id)
+            loaded = table.get(model_id)
             loading = model_id in self._loading
+            known = model_id in self._llms or model_id in self._embedders
         if loaded is not None:
             return loaded
         if loading:
             raise ServiceUnavailable(
                 f"The model '{model_id}' is still loading.", headers={"Retry-After": "2"}
             )
-        if model_id in self._embedders:
-            raise InvalidRequest(
-                f"The model '{model_id}' is an embedding model; use /v1/embeddings.",
-                param="model",
-                code="model_not_generative",
-            )
+        if known:
+            raise InvalidRequest(f"The model '{model_id}' {wrong_kind}.", param="model", code=code)
         raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
 
     def llms(self) -> list[LoadedLlm]:
