@@ -16,7 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
 from aiaas import __version__
-from aiaas.api import api_keys, audit, health, llm, models, organizations, projects
+from aiaas.api import api_keys, audit, embeddings, health, llm, models, organizations, projects
 from aiaas.api.errors import install_error_handlers
 from aiaas.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from aiaas.domain import IssuedKey
@@ -71,6 +71,7 @@ def create_app(settings: Settings) -> FastAPI:
         health.router,
         models.router,
         llm.router,
+        embeddings.router,
         organizations.router,
         projects.router,
         api_keys.router,

@@ -166,7 +166,7 @@ def model_specs(settings: Settings) -> list[LlmSpec | EmbedderSpec]:
                 f"AIAAS_MODELS names {model_id!r}; bundled models are {', '.join(BUNDLED_MODELS)}"
             )
     for model_id, path in settings.extra_gguf.items():
-        specs.append(LlmSpec(id=model_id, locate=functools.partial(lambda p: p, path)))
+        specs.append(LlmSpec(id=model_id, locate=functools.partial(Path, path)))
     templates = settings.chat_template_files
     unknown = set(templates) - {spec.id for spec in specs}
     if unknown:

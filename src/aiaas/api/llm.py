@@ -32,15 +32,12 @@ from aiaas.protocol.openai import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
-    EmbeddingList,
-    EmbeddingRequest,
     TopLogprob,
     Usage,
     new_completion_id,
     now_s,
 )
 from aiaas.protocol.openai import TokenLogprob as WireTokenLogprob
-from aiaas.services.embeddings import EmbeddingService
 from aiaas.services.inference import Generations, InferenceService
 
 router = APIRouter(prefix="/v1", tags=["inference"])
@@ -234,22 +231,6 @@ async def create_chat_completion(
     if body.stream:
         return event_stream(serving.stream())
     return await serving.full(request)
-
-
-# -- embeddings ------------------------------------------------------------------------------
-
-
-def get_embeddings(platform: PlatformDep) -> EmbeddingService:
-    return platform.embeddings
-
-
-@router.post("/embeddings", response_model=EmbeddingList)
-async def create_embeddings(
-    body: EmbeddingRequest,
-    principal: InferenceDep,
-    embeddings: Annotated[EmbeddingService, Depends(get_embeddings)],
-) -> EmbeddingList:
-    return await embeddings.embed(principal, body)
 
 
 # -- completions -----------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,11 +27,6 @@ from aiaas.scheduling.batcher import BatcherConfig, DynamicBatcher
 log = logging.getLogger("aiaas.engines.pool")
 
 M = TypeVar("M")
-
-
-class ModelKind(StrEnum):
-    LLM = "llm"
-    EMBEDDINGS = "embeddings"
 
 
 @dataclass
@@ -84,7 +78,6 @@ class ModelPool:
     _llms: dict[str, LoadedLlm] = field(default_factory=dict)
     _embedders: dict[str, LoadedEmbedder] = field(default_factory=dict)
     _loading: set[str] = field(default_factory=set)
-    _failed: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def load_in_background(
@@ -102,13 +95,9 @@ class ModelPool:
                         self.load_llm(spec)
                 except ConfigurationError as exc:
                     log.error("could not load model %s: %s", spec.id, exc)
-                    with self._lock:
-                        self._failed[spec.id] = str(exc)
-                except Exception as exc:  # the loader's top level: one bad model must not
+                except Exception:  # the loader's top level: one bad model must not
                     # stop the others from loading or leave /health at 503 for ever
                     log.exception("loading model %s failed", spec.id)
-                    with self._lock:
-                        self._failed[spec.id] = f"{type(exc).__name__}: {exc}"
                 finally:
                     with self._lock:
                         self._loading.discard(spec.id)

@@ -177,12 +177,6 @@ class ApiKeyCreated(ApiKeyPublic):
         return cls(**ApiKeyPublic.from_domain(issued.key).model_dump(), value=issued.secret)
 
 
-class ApiKeyDeleted(BaseModel):
-    object: Literal["api_key.deleted"] = "api_key.deleted"
-    id: str
-    deleted: bool = True
-
-
 # -- audit -----------------------------------------------------------------------------------
 
 
@@ -238,7 +232,6 @@ class AuditVerification(BaseModel):
 __all__ = [
     "ApiKeyCreate",
     "ApiKeyCreated",
-    "ApiKeyDeleted",
     "ApiKeyPublic",
     "AuditEventPublic",
     "AuditVerification",

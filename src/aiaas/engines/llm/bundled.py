@@ -28,7 +28,7 @@ def gemma3_path(cache: Path) -> Path:
     return target
 
 
-# model id -> (how to find the file, owner shown in /v1/models)
+# model id -> how to find its GGUF file, given the data dir's model cache
 BUNDLED_GGUF: dict[str, Callable[[Path], Path]] = {
     "smollm2-135m-instruct": smollm2_path,
     "gemma-3-270m": gemma3_path,
