@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Row, func, insert, select, update
+from sqlalchemy import Connection, Insert, Row, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from aiaas.domain import Organization, Page, Project, ProjectStatus
@@ -30,22 +30,28 @@ def _project(row: Row[Any]) -> Project:
     )
 
 
-def create_org(conn: Connection, *, name: str, weight: float = 1.0) -> Organization:
-    org = Organization(id=new_id("org"), name=name, weight=weight, created_at=now())
-    taken = conn.execute(
-        select(func.count()).select_from(organizations).where(organizations.c.name == name)
-    ).scalar_one()
-    if taken:
-        raise Conflict(f"an organization named {name!r} already exists", param="name")
+def _insert_named(conn: Connection, statement: Insert, *, what: str, name: str) -> None:
+    """Insert a row whose name is unique in its scope; a clash (even a concurrent one) is 409.
+
+    The savepoint keeps the caller's transaction usable after the constraint fires.
+    """
     try:
         with conn.begin_nested():
-            conn.execute(
-                insert(organizations).values(
-                    id=org.id, name=org.name, weight=org.weight, created_at=org.created_at
-                )
-            )
+            conn.execute(statement)
     except IntegrityError as exc:
-        raise Conflict(f"an organization named {name!r} already exists", param="name") from exc
+        raise Conflict(f"{what} named {name!r} already exists", param="name") from exc
+
+
+def create_org(conn: Connection, *, name: str, weight: float = 1.0) -> Organization:
+    org = Organization(id=new_id("org"), name=name, weight=weight, created_at=now())
+    _insert_named(
+        conn,
+        insert(organizations).values(
+            id=org.id, name=org.name, weight=org.weight, created_at=org.created_at
+        ),
+        what="an organization",
+        name=name,
+    )
     return org
 
 
@@ -74,27 +80,19 @@ def create_project(
         created_at=now(),
         archived_at=None,
     )
-    taken = conn.execute(
-        select(func.count())
-        .select_from(projects)
-        .where(projects.c.org_id == org_id, projects.c.name == name)
-    ).scalar_one()
-    if taken:
-        raise Conflict(f"a project named {name!r} already exists", param="name")
-    try:
-        with conn.begin_nested():
-            conn.execute(
-                insert(projects).values(
-                    id=project.id,
-                    org_id=org_id,
-                    name=name,
-                    is_default=int(is_default),
-                    status=project.status.value,
-                    created_at=project.created_at,
-                )
-            )
-    except IntegrityError as exc:
-        raise Conflict(f"a project named {name!r} already exists", param="name") from exc
+    _insert_named(
+        conn,
+        insert(projects).values(
+            id=project.id,
+            org_id=org_id,
+            name=name,
+            is_default=int(is_default),
+            status=project.status.value,
+            created_at=project.created_at,
+        ),
+        what="a project",
+        name=name,
+    )
     return project
 
 
