@@ -1,0 +1,1 @@
+"""Privacy: finding and redacting personal data."""

@@ -1,0 +1,1 @@
+"""Training-side building blocks: preprocessing, architectures, the trainer, evaluation."""
