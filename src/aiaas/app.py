@@ -16,7 +16,17 @@ from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
 from aiaas import __version__
-from aiaas.api import api_keys, audit, embeddings, health, llm, models, organizations, projects
+from aiaas.api import (
+    api_keys,
+    audit,
+    embeddings,
+    files,
+    health,
+    llm,
+    models,
+    organizations,
+    projects,
+)
 from aiaas.api.errors import install_error_handlers
 from aiaas.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from aiaas.domain import IssuedKey
@@ -65,13 +75,19 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_request_bytes,
+        # An upload is limited by its file size (plus room for the multipart framing).
+        overrides={("POST", "/v1/files"): settings.max_file_bytes + 64 * 1024},
+    )
     app.add_middleware(RequestContextMiddleware)
     for router in (
         health.router,
         models.router,
         llm.router,
         embeddings.router,
+        files.router,
         organizations.router,
         projects.router,
         api_keys.router,

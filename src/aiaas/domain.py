@@ -45,6 +45,7 @@ class Organization:
     name: str
     weight: float
     created_at: float
+    redact_pii: bool = False
 
 
 class ProjectStatus(StrEnum):
@@ -135,6 +136,28 @@ class AuditEvent:
     created_at_us: int = 0
     prev_hash: str = ""
     hash: str = ""
+
+
+class FilePurpose(StrEnum):
+    FINE_TUNE = "fine-tune"
+    BATCH = "batch"
+    DATASET = "dataset"
+    USER_DATA = "user_data"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    """An uploaded file (OpenAI's File object); its bytes live encrypted in the blob store."""
+
+    id: str
+    org_id: str
+    project_id: str
+    filename: str
+    purpose: FilePurpose
+    bytes: int
+    sha256: str | None
+    blob_key: str
+    created_at: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ ApiError                         -> {"error": {"message", "type", "param", "code
 ├── MethodNotAllowed      405
 ├── Conflict              409    already exists / in use
 ├── PayloadTooLarge       413    request_too_large
+├── UnsupportedMediaType  415    unsupported_media_type
 ├── RateLimited           429    rate_limit_exceeded (+ Retry-After)
 ├── ServerError           500    server_error
 │   └── BlobIntegrityError       500 a stored blob failed authentication
@@ -93,6 +94,11 @@ class Conflict(ApiError):
 class PayloadTooLarge(ApiError):
     status = 413
     code = "request_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status = 415
+    code = "unsupported_media_type"
 
 
 class RateLimited(ApiError):

@@ -6,9 +6,9 @@ import secrets
 import time
 
 
-def new_id(prefix: str) -> str:
+def new_id(prefix: str, *, sep: str = "_") -> str:
     """`<prefix>_<24 hex>`: 96 random bits, never guessable, never a counter."""
-    return f"{prefix}_{secrets.token_hex(12)}"
+    return f"{prefix}{sep}{secrets.token_hex(12)}"
 
 
 def now() -> float:

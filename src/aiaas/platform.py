@@ -25,6 +25,7 @@ from aiaas.observability.metrics import Metrics
 from aiaas.scheduling.batcher import BatcherConfig
 from aiaas.services.audit import AuditService
 from aiaas.services.embeddings import EmbeddingService
+from aiaas.services.files import FileService
 from aiaas.services.inference import InferenceService
 from aiaas.services.keys import KeyService
 from aiaas.services.tenancy import TenancyService
@@ -59,6 +60,7 @@ class Platform:
     audit: AuditService
     keys: KeyService
     tenancy: TenancyService
+    files: FileService
     metrics: Metrics
     readiness: Readiness
     pool: ModelPool
@@ -93,6 +95,8 @@ class Platform:
             audit=audit,
             max_lifetime_s=settings.max_key_lifetime_days * 86400.0,
         )
+        files = FileService(db, blobs, audit, max_file_bytes=settings.max_file_bytes)
+        files.sweep()
         metrics = Metrics()
         pool = ModelPool(
             EngineConfig(
@@ -113,6 +117,7 @@ class Platform:
             audit=audit,
             keys=keys,
             tenancy=TenancyService(db, keys=keys, audit=audit),
+            files=files,
             metrics=metrics,
             readiness=Readiness(),
             pool=pool,

@@ -84,6 +84,14 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_key_lifetime_days: int = Field(default=3650, ge=1)
+    max_file_bytes: int = Field(
+        default=512 * 1024 * 1024, ge=1024, description="Largest file one upload may carry."
+    )
+    max_dataset_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024,
+        description="Largest total of source files one dataset version is made from (in memory).",
+    )
 
     @field_validator("data_dir")
     @classmethod

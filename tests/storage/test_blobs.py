@@ -6,8 +6,10 @@ import fcntl
 import hashlib
 import os
 import random
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -227,13 +229,34 @@ def test_a_key_nested_under_a_blob_conflicts(store: LocalBlobStore) -> None:
     assert temp_files(store.root) == []
 
 
-def test_start_sweeps_stale_temp_files(root: Path) -> None:
+def test_start_sweeps_unlocked_temp_files(root: Path) -> None:
     LocalBlobStore(root).close()
     stale = make_leftover(root, "put-crashed", age_s=3600)
-    fresh = make_leftover(root, "put-just-created", age_s=0)
+    fresh = make_leftover(root, "put-crashed-just-now", age_s=0)
     LocalBlobStore(root).close()
     assert not stale.exists()
-    assert fresh.exists()
+    assert not fresh.exists()
+
+
+def test_a_put_whose_temp_file_is_swept_before_its_lock_still_lands(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalBlobStore(root)
+    real_mkstemp = tempfile.mkstemp
+    calls = 0
+
+    def mkstemp_then_sweep(**kwargs: Any) -> tuple[int, str]:
+        nonlocal calls
+        calls += 1
+        fd, path = real_mkstemp(**kwargs)
+        if calls == 1:
+            store.sweep_temp()  # another process sweeps before this writer locks its file
+        return fd, path
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_sweep)
+    store.put("k", [b"data"])
+    assert calls == 2
+    assert b"".join(store.open("k")) == b"data"
 
 
 def test_sweep_spares_a_temp_file_a_live_writer_holds(store: LocalBlobStore, root: Path) -> None:

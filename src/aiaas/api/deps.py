@@ -16,6 +16,8 @@ from aiaas.services.audit import AuditService
 from aiaas.services.keys import KeyService
 from aiaas.services.tenancy import TenancyService
 
+ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+
 _bearer = HTTPBearer(auto_error=False, description="An aiaas API key: `sk-aiaas-...`.")
 
 
@@ -83,41 +85,55 @@ class OrgContext:
 
     principal: Principal
     org_id: str
+    project_id: str | None = None
 
     @property
     def actor(self) -> Actor:
         return Actor.of(self.principal)
 
 
-def get_org_context(
-    principal: AdminDep,
-    tenancy: TenancyDep,
-    openai_organization: Annotated[
-        str | None,
-        Header(
+def org_context(scope: Scope) -> Callable[..., OrgContext]:
+    """A dependency: the caller has `scope`, and the organisation it acts in.
+
+    An org key acts in its own org (and its own project); the platform admin names an org with
+    the `OpenAI-Organization` header and acts in that org's default project.
+    """
+
+    # Defaults, not annotations: these annotations would be resolved as strings, without `scope`.
+    def resolve(
+        principal: Principal = Depends(require(scope)),
+        tenancy: TenancyService = Depends(get_tenancy),
+        openai_organization: str | None = Header(
+            default=None,
             alias="OpenAI-Organization",
             pattern=ID_PATTERN,
             description="Platform admin only: the organisation to act in.",
         ),
-    ] = None,
-) -> OrgContext:
-    """An org key acts in its own org; the platform admin names one with a header."""
-    if principal.org_id is not None:
-        if openai_organization and openai_organization != principal.org_id:
-            tenancy.get_org(principal, openai_organization)  # 404, like any other org's object
-        return OrgContext(principal=principal, org_id=principal.org_id)
-    if not openai_organization:
-        raise InvalidRequest(
-            "A platform admin key must name an organization in the OpenAI-Organization header.",
-            param="OpenAI-Organization",
+    ) -> OrgContext:
+        if principal.org_id is not None:
+            if openai_organization and openai_organization != principal.org_id:
+                tenancy.get_org(principal, openai_organization)  # 404, like another org's object
+            return OrgContext(
+                principal=principal, org_id=principal.org_id, project_id=principal.project_id
+            )
+        if not openai_organization:
+            raise InvalidRequest(
+                "A platform admin key must name an organization in the OpenAI-Organization "
+                "header.",
+                param="OpenAI-Organization",
+            )
+        org = tenancy.get_org(principal, openai_organization)
+        return OrgContext(
+            principal=principal, org_id=org.id, project_id=tenancy.default_project_id(org.id)
         )
-    org = tenancy.get_org(principal, openai_organization)
-    return OrgContext(principal=principal, org_id=org.id)
+
+    return resolve
 
 
-OrgContextDep = Annotated[OrgContext, Depends(get_org_context)]
+OrgContextDep = Annotated[OrgContext, Depends(org_context(Scope.ADMIN))]
+FilesReadDep = Annotated[OrgContext, Depends(org_context(Scope.FILES_READ))]
+FilesWriteDep = Annotated[OrgContext, Depends(org_context(Scope.FILES_WRITE))]
 
-ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 After = Annotated[
     str | None,

@@ -7,6 +7,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Mapping
 
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
@@ -88,17 +89,25 @@ class RequestContextMiddleware:
 class BodyLimitMiddleware:
     """Refuse bodies over the limit: at once from Content-Length, or while streaming in."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        overrides: Mapping[tuple[str, str], int] | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.overrides = dict(overrides or {})  # (method, path) -> its own limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.overrides.get((scope["method"], scope["path"]), self.max_bytes)
         declared = _header(scope, b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._reject(send)
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await self._reject(send, limit)
             return
         seen = 0
 
@@ -107,18 +116,19 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     # An HTTPException passes through FastAPI's body parsing untouched.
-                    raise HTTPException(413, detail=self._message())
+                    raise HTTPException(413, detail=self._message(limit))
             return message
 
         await self.app(scope, limited_receive, send)
 
-    def _message(self) -> str:
-        return f"Request body is larger than the limit of {self.max_bytes} bytes."
+    @staticmethod
+    def _message(limit: int) -> str:
+        return f"Request body is larger than the limit of {limit} bytes."
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps(PayloadTooLarge(self._message()).body()).encode()
+    async def _reject(self, send: Send, limit: int) -> None:
+        body = json.dumps(PayloadTooLarge(self._message(limit)).body()).encode()
         await send(
             {
                 "type": "http.response.start",

@@ -6,13 +6,22 @@ from typing import Annotated
 
 from fastapi import APIRouter, status
 
-from aiaas.api.deps import After, Limit, PlatformAdminDep, PrincipalDep, TenancyDep, path_id
+from aiaas.api.deps import (
+    AdminDep,
+    After,
+    Limit,
+    PlatformAdminDep,
+    PrincipalDep,
+    TenancyDep,
+    path_id,
+)
 from aiaas.domain import Actor
 from aiaas.protocol.platform import (
     ListResponse,
     OrganizationCreate,
     OrganizationCreated,
     OrganizationPublic,
+    OrganizationUpdate,
 )
 
 router = APIRouter(prefix="/v1/organizations", tags=["organizations"])
@@ -46,3 +55,12 @@ def retrieve_organization(
     org_id: OrgId, principal: PrincipalDep, tenancy: TenancyDep
 ) -> OrganizationPublic:
     return OrganizationPublic.from_domain(tenancy.get_org(principal, org_id))
+
+
+@router.post("/{org_id}", response_model=OrganizationPublic)
+def modify_organization(
+    org_id: OrgId, body: OrganizationUpdate, admin: AdminDep, tenancy: TenancyDep
+) -> OrganizationPublic:
+    """An org admin changes its own organisation's settings; the operator, any organisation's."""
+    org = tenancy.set_redact_pii(admin, org_id, redact_pii=body.redact_pii, actor=Actor.of(admin))
+    return OrganizationPublic.from_domain(org)

@@ -62,15 +62,24 @@ class OrganizationCreate(Request):
     name: Name
 
 
+class OrganizationUpdate(Request):
+    redact_pii: bool = Field(
+        description="Redact personal data from every dataset made in this organisation."
+    )
+
+
 class OrganizationPublic(BaseModel):
     object: Literal["organization"] = "organization"
     id: str
     name: str
     created_at: int
+    redact_pii: bool = False
 
     @classmethod
     def from_domain(cls, org: Organization) -> OrganizationPublic:
-        return cls(id=org.id, name=org.name, created_at=int(org.created_at))
+        return cls(
+            id=org.id, name=org.name, created_at=int(org.created_at), redact_pii=org.redact_pii
+        )
 
 
 class OrganizationCreated(OrganizationPublic):

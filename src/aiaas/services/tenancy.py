@@ -72,6 +72,32 @@ class TenancyService:
             raise NotFound(f"No organization with id {org_id!r}.", param="org_id")
         return org
 
+    def set_redact_pii(
+        self, principal: Principal, org_id: str, *, redact_pii: bool, actor: Actor
+    ) -> Organization:
+        self.get_org(principal, org_id)  # 404 unless the caller may see it
+        with self._db.write() as conn:
+            tenancy_repo.set_org_redact_pii(conn, org_id=org_id, redact_pii=redact_pii)
+            self._audit.record(
+                conn,
+                actor=actor,
+                action="organization.updated",
+                target_type="organization",
+                target_id=org_id,
+                org_id=org_id,
+                data={"redact_pii": redact_pii},
+            )
+            org = tenancy_repo.get_org(conn, org_id)
+        assert org is not None
+        return org
+
+    def default_project_id(self, org_id: str) -> str:
+        with self._db.read() as conn:
+            project = tenancy_repo.default_project(conn, org_id=org_id)
+        if project is None:  # every organisation is created with one
+            raise NotFound(f"No default project in organization {org_id!r}.")
+        return project.id
+
     # -- projects ------------------------------------------------------------------------------
 
     def _create_project(

@@ -44,7 +44,7 @@ _MAX_SEGMENT_LENGTH = 255  # NAME_MAX on common filesystems
 # No segment may start with ".": that rules out "." and "..", hidden files and our ".tmp".
 _SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _TEMP_DIR = ".tmp"
-_TEMP_GRACE_S = 60.0
+_TEMP_GRACE_S = 0.0
 
 
 @dataclass(frozen=True)
@@ -118,17 +118,28 @@ class LocalBlobStore:
 
     def put(self, key: str, chunks: Iterable[bytes]) -> BlobInfo:
         target = self._path(key)
-        fd, temp = tempfile.mkstemp(dir=self._temp, prefix="put-")
+        fd, temp = self._locked_temp()
         try:
             with os.fdopen(fd, "wb") as file:
-                # Held until the rename, so another process's sweep_temp leaves this file alone.
-                fcntl.flock(file.fileno(), fcntl.LOCK_EX)
                 info = _write_chunks(file, key, chunks)
                 self._publish(Path(temp), target, key)
             return info
         finally:
             with suppress(FileNotFoundError):
                 os.unlink(temp)
+
+    def _locked_temp(self) -> tuple[int, str]:
+        """A new temp file, locked until the rename so another process's sweep spares it.
+
+        A sweep may unlink the file in the instant between its creation and our lock; the link
+        count tells, and we simply take another.
+        """
+        while True:
+            fd, temp = tempfile.mkstemp(dir=self._temp, prefix="put-")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink > 0:
+                return fd, temp
+            os.close(fd)
 
     def open(self, key: str) -> Iterator[bytes]:
         path = self._path(key)
@@ -157,8 +168,8 @@ class LocalBlobStore:
     def sweep_temp(self, older_than_s: float = _TEMP_GRACE_S) -> int:
         """Remove temp files a crashed put left behind; return how many.
 
-        Another process may share the root, so a file is spared while a writer holds its lock,
-        or while it is younger than `older_than_s` (a put locks it just after creating it).
+        Another process may share the root, so a file is spared while a writer holds its lock
+        (and a writer whose file went before it took the lock takes another one).
         """
         removed = 0
         cutoff = time.time() - older_than_s

@@ -39,6 +39,8 @@ organizations = Table(
     Column("name", String(256), nullable=False, unique=True),
     Column("weight", Float, nullable=False, default=1.0),
     Column("created_at", Float, nullable=False),
+    # 1: every dataset made in this organisation is PII-redacted, whatever the request says.
+    Column("redact_pii", Integer, nullable=False, default=0, server_default="0"),
 )
 
 projects = Table(
@@ -112,4 +114,67 @@ audit_head = Table(
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("seq", BigInteger, nullable=False),
     Column("hash", String(64), nullable=False),
+)
+
+# A row is created in state "uploading" before its blob is written and becomes "processed" once
+# the blob is in place; "deleting" rows have a blob on its way out. Only "processed" rows are
+# visible, so a crash at any point leaves nothing half-made, and the start-up sweep finishes the
+# job (see FileService.sweep).
+files = Table(
+    "files",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("org_id", String(64), ForeignKey("organizations.id"), nullable=False),
+    Column("project_id", String(64), ForeignKey("projects.id"), nullable=False),
+    Column("filename", String(512), nullable=False),
+    Column("purpose", String(32), nullable=False),
+    Column("bytes", BigInteger, nullable=False, default=0),
+    Column("sha256", String(64), nullable=True),
+    Column("blob_key", String(256), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("created_by", String(64), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Index("ix_files_org_id_seq", "org_id", "seq"),
+)
+
+datasets = Table(
+    "datasets",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("org_id", String(64), ForeignKey("organizations.id"), nullable=False),
+    Column("project_id", String(64), ForeignKey("projects.id"), nullable=False),
+    Column("name", String(256), nullable=False),
+    Column("description", Text, nullable=False, default=""),
+    Column("created_by", String(64), nullable=True),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("org_id", "name", name="uq_datasets_org_id_name"),
+)
+
+# Immutable once "ready". Same life cycle as files: "creating" → "ready" → "deleting".
+dataset_versions = Table(
+    "dataset_versions",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("dataset_id", String(64), ForeignKey("datasets.id"), nullable=False),
+    Column("org_id", String(64), ForeignKey("organizations.id"), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("format", String(16), nullable=False),
+    Column("source_file_ids", Text, nullable=False),
+    Column("rows", BigInteger, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("content_hash", String(80), nullable=False),
+    Column("blob_key", String(256), nullable=False),
+    Column("label_column", String(256), nullable=True),
+    Column("task", String(32), nullable=True),
+    # JSON documents: the inferred profile, the fitted preprocessing spec, the PII report.
+    Column("profile", Text, nullable=False),
+    Column("preprocessing", Text, nullable=False),
+    Column("pii", Text, nullable=True),
+    Column("created_by", String(64), nullable=True),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("dataset_id", "version", name="uq_dataset_versions_dataset_id_version"),
 )

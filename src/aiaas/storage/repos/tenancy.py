@@ -15,7 +15,13 @@ from aiaas.storage.tables import organizations, projects
 
 
 def _org(row: Row[Any]) -> Organization:
-    return Organization(id=row.id, name=row.name, weight=row.weight, created_at=row.created_at)
+    return Organization(
+        id=row.id,
+        name=row.name,
+        weight=row.weight,
+        created_at=row.created_at,
+        redact_pii=bool(row.redact_pii),
+    )
 
 
 def _project(row: Row[Any]) -> Project:
@@ -47,7 +53,7 @@ def create_org(conn: Connection, *, name: str, weight: float = 1.0) -> Organizat
     _insert_named(
         conn,
         insert(organizations).values(
-            id=org.id, name=org.name, weight=org.weight, created_at=org.created_at
+            id=org.id, name=org.name, weight=org.weight, created_at=org.created_at, redact_pii=0
         ),
         what="an organization",
         name=name,
@@ -140,4 +146,10 @@ def archive_project(conn: Connection, *, org_id: str, project_id: str) -> None:
         update(projects)
         .where(projects.c.id == project_id, projects.c.org_id == org_id)
         .values(status=ProjectStatus.ARCHIVED.value, archived_at=now())
+    )
+
+
+def set_org_redact_pii(conn: Connection, *, org_id: str, redact_pii: bool) -> None:
+    conn.execute(
+        update(organizations).where(organizations.c.id == org_id).values(redact_pii=int(redact_pii))
     )
