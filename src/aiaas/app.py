@@ -19,6 +19,7 @@ from aiaas import __version__
 from aiaas.api import (
     api_keys,
     audit,
+    datasets,
     embeddings,
     files,
     health,
@@ -88,6 +89,7 @@ def create_app(settings: Settings) -> FastAPI:
         llm.router,
         embeddings.router,
         files.router,
+        datasets.router,
         organizations.router,
         projects.router,
         api_keys.router,

@@ -161,6 +161,39 @@ class StoredFile:
 
 
 @dataclass(frozen=True, slots=True)
+class Dataset:
+    id: str
+    org_id: str
+    project_id: str
+    name: str
+    description: str
+    created_at: float
+    latest_version: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetVersion:
+    """An immutable version. The JSON documents are our own models' dumps (profile, spec, PII)."""
+
+    id: str
+    dataset_id: str
+    org_id: str
+    version: int
+    format: str
+    source_file_ids: list[str]
+    rows: int
+    bytes: int
+    content_hash: str
+    blob_key: str
+    label_column: str | None
+    task: str | None
+    profile: dict[str, Any]
+    preprocessing: dict[str, Any]
+    pii: dict[str, Any] | None
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Page(Generic[T]):
     """One page of a cursor-paged list; `has_more` comes from fetching `limit + 1` rows."""
 

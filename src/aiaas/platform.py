@@ -24,6 +24,7 @@ from aiaas.errors import ConfigurationError
 from aiaas.observability.metrics import Metrics
 from aiaas.scheduling.batcher import BatcherConfig
 from aiaas.services.audit import AuditService
+from aiaas.services.datasets import DatasetService
 from aiaas.services.embeddings import EmbeddingService
 from aiaas.services.files import FileService
 from aiaas.services.inference import InferenceService
@@ -61,6 +62,7 @@ class Platform:
     keys: KeyService
     tenancy: TenancyService
     files: FileService
+    datasets: DatasetService
     metrics: Metrics
     readiness: Readiness
     pool: ModelPool
@@ -97,6 +99,10 @@ class Platform:
         )
         files = FileService(db, blobs, audit, max_file_bytes=settings.max_file_bytes)
         files.sweep()
+        datasets = DatasetService(
+            db, blobs, files, audit, max_source_bytes=settings.max_dataset_bytes
+        )
+        datasets.sweep()
         metrics = Metrics()
         pool = ModelPool(
             EngineConfig(
@@ -118,6 +124,7 @@ class Platform:
             keys=keys,
             tenancy=TenancyService(db, keys=keys, audit=audit),
             files=files,
+            datasets=datasets,
             metrics=metrics,
             readiness=Readiness(),
             pool=pool,

@@ -118,8 +118,7 @@ def org_context(scope: Scope) -> Callable[..., OrgContext]:
             )
         if not openai_organization:
             raise InvalidRequest(
-                "A platform admin key must name an organization in the OpenAI-Organization "
-                "header.",
+                "A platform admin key must name an organization in the OpenAI-Organization header.",
                 param="OpenAI-Organization",
             )
         org = tenancy.get_org(principal, openai_organization)

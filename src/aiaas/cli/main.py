@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from aiaas.cli.data import datasets_app, files_app
 from aiaas.domain import Actor
 from aiaas.errors import ApiError
 from aiaas.settings import Settings
@@ -28,6 +29,8 @@ org_app = typer.Typer(help="Organisations.", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit log.", no_args_is_help=True)
 app.add_typer(org_app, name="org")
 app.add_typer(audit_app, name="audit")
+app.add_typer(files_app, name="files")
+app.add_typer(datasets_app, name="datasets")
 
 _CLI_ACTOR = Actor(type="cli")
 

@@ -147,6 +147,8 @@ datasets = Table(
     Column("project_id", String(64), ForeignKey("projects.id"), nullable=False),
     Column("name", String(256), nullable=False),
     Column("description", Text, nullable=False, default=""),
+    # "creating" until its first version is ready: a failed first version leaves no dataset.
+    Column("status", String(16), nullable=False),
     Column("created_by", String(64), nullable=True),
     Column("created_at", Float, nullable=False),
     UniqueConstraint("org_id", "name", name="uq_datasets_org_id_name"),

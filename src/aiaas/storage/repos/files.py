@@ -106,9 +106,7 @@ def list_files(
 
 
 def mark_deleting(conn: Connection, *, file_id: str) -> None:
-    conn.execute(
-        update(files).where(files.c.id == file_id).values(status=FileState.DELETING.value)
-    )
+    conn.execute(update(files).where(files.c.id == file_id).values(status=FileState.DELETING.value))
 
 
 def remove(conn: Connection, *, file_id: str) -> None:
