@@ -80,33 +80,9 @@ class DatasetService:
         redact_pii: bool | None,
     ) -> tuple[Dataset, DatasetVersion]:
         dataset_id = new_id("ds")
-        version_id = new_id("dsv")
-        blob_key = f"datasets/{ws.org_id}/{version_id}"
-        with self._db.write() as conn:
-            repo.reserve_dataset(
-                conn,
-                dataset_id=dataset_id,
-                org_id=ws.org_id,
-                project_id=ws.project_id,
-                name=name,
-                description=description,
-                created_by=ws.actor.id,
-            )
-            repo.reserve_version(
-                conn,
-                version_id=version_id,
-                dataset_id=dataset_id,
-                org_id=ws.org_id,
-                blob_key=blob_key,
-                created_by=ws.actor.id,
-            )
-        try:
-            version = self._make(
-                ws, dataset_id, version_id, blob_key, file_ids, options, redact_pii, first=True
-            )
-        except BaseException:
-            self._discard(version_id, blob_key, dataset_id=dataset_id)
-            raise
+        version = self._new_version(
+            ws, dataset_id, file_ids, options, redact_pii, new_dataset=(name, description)
+        )
         return self.get(org_id=ws.org_id, dataset_id=dataset_id), version
 
     def add_version(
@@ -118,10 +94,35 @@ class DatasetService:
         options: BuildOptions,
         redact_pii: bool | None,
     ) -> DatasetVersion:
+        return self._new_version(ws, dataset_id, file_ids, options, redact_pii, new_dataset=None)
+
+    def _new_version(
+        self,
+        ws: Workspace,
+        dataset_id: str,
+        file_ids: list[str],
+        options: BuildOptions,
+        redact_pii: bool | None,
+        *,
+        new_dataset: tuple[str, str] | None,
+    ) -> DatasetVersion:
+        """Reserve (with the dataset itself when `new_dataset` gives its name and description),
+        make, and on any failure discard what was reserved."""
         version_id = new_id("dsv")
         blob_key = f"datasets/{ws.org_id}/{version_id}"
         with self._db.write() as conn:
-            if repo.get_dataset(conn, org_id=ws.org_id, dataset_id=dataset_id) is None:
+            if new_dataset is not None:
+                name, description = new_dataset
+                repo.reserve_dataset(
+                    conn,
+                    dataset_id=dataset_id,
+                    org_id=ws.org_id,
+                    project_id=ws.project_id,
+                    name=name,
+                    description=description,
+                    created_by=ws.actor.id,
+                )
+            elif repo.get_dataset(conn, org_id=ws.org_id, dataset_id=dataset_id) is None:
                 raise _no_dataset(dataset_id)
             repo.reserve_version(
                 conn,
@@ -131,12 +132,13 @@ class DatasetService:
                 blob_key=blob_key,
                 created_by=ws.actor.id,
             )
+        first = new_dataset is not None
         try:
             return self._make(
-                ws, dataset_id, version_id, blob_key, file_ids, options, redact_pii, first=False
+                ws, dataset_id, version_id, blob_key, file_ids, options, redact_pii, first=first
             )
         except BaseException:
-            self._discard(version_id, blob_key, dataset_id=None)
+            self._discard(version_id, blob_key, dataset_id=dataset_id if first else None)
             raise
 
     def _make(
