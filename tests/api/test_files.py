@@ -183,6 +183,42 @@ def test_bad_uploads_are_4xx(sqlite_server: Server) -> None:
     assert blob_files(sqlite_server, org.id) == []
 
 
+def test_hostile_multipart_bodies_are_400(sqlite_server: Server) -> None:
+    org = create_org(sqlite_server)
+    b = "b0undary"
+    file_part = 'Content-Disposition: form-data; name="file"; filename="a"\r\n\r\nxx\r\n'
+    bodies = {
+        "many part headers": f"--{b}\r\n"
+        + "".join(f"X-H{i}: v\r\n" for i in range(50))
+        + file_part
+        + f"--{b}--\r\n",
+        "huge part header": f'--{b}\r\nContent-Disposition: form-data; name="file"; '
+        f'filename="{"a" * 10000}"\r\n\r\nxx\r\n--{b}--\r\n',
+        "not multipart at all": "\x00\x01garbage" * 100,
+        "a part without a name": f'--{b}\r\nContent-Disposition: form-data; filename="a"'
+        f"\r\n\r\nxx\r\n--{b}--\r\n",
+        "too many fields": "".join(
+            f'--{b}\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\nv\r\n' for i in range(40)
+        )
+        + f"--{b}--\r\n",
+        "an empty body": "",
+    }
+    with sqlite_server.client(org.api_key) as http:
+        for what, body in bodies.items():
+            response = http.post(
+                "/v1/files",
+                content=body.encode(),
+                headers={"Content-Type": f"multipart/form-data; boundary={b}"},
+            )
+            assert response.status_code == 400, (what, response.text)
+            assert_error(response, 400)
+        no_boundary = http.post(
+            "/v1/files", content=b"x", headers={"Content-Type": "multipart/form-data"}
+        )
+        assert assert_error(no_boundary, 400)["param"] == "Content-Type"
+        assert http.get("/v1/files").json()["data"] == []
+
+
 def test_reader_keys_cannot_upload(sqlite_server: Server) -> None:
     org = create_org(sqlite_server)
     with sqlite_server.client(org.api_key) as http:
