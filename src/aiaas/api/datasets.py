@@ -129,11 +129,10 @@ def retrieve_version(
 def delete_version(
     dataset_id: DatasetId, version: VersionNumber, ctx: FilesWriteDep, datasets: DatasetsDep
 ) -> DatasetVersionDeleted:
-    found = datasets.get_version(org_id=ctx.org_id, dataset_id=dataset_id, version=version)
-    datasets.delete_version(
+    deleted = datasets.delete_version(
         org_id=ctx.org_id, dataset_id=dataset_id, version=version, actor=ctx.actor
     )
-    return DatasetVersionDeleted(id=found.id, version=version)
+    return DatasetVersionDeleted(id=deleted.id, version=version)
 
 
 @router.get(

@@ -238,7 +238,7 @@ class DatasetService:
         with self._db.read() as conn:
             found = repo.get_version(conn, org_id=org_id, dataset_id=dataset_id, version=version)
         if found is None:
-            raise NotFound(f"Dataset {dataset_id!r} has no version {version}.", param="version")
+            raise _no_version(dataset_id, version)
         return found
 
     def list_versions(
@@ -264,11 +264,14 @@ class DatasetService:
 
     # -- delete ----------------------------------------------------------------------------------
 
-    def delete_version(self, *, org_id: str, dataset_id: str, version: int, actor: Actor) -> None:
+    def delete_version(
+        self, *, org_id: str, dataset_id: str, version: int, actor: Actor
+    ) -> DatasetVersion:
+        """Delete a version (its blob too) and return what it was."""
         with self._db.write() as conn:
             found = repo.get_version(conn, org_id=org_id, dataset_id=dataset_id, version=version)
             if found is None:
-                raise NotFound(f"Dataset {dataset_id!r} has no version {version}.", param="version")
+                raise _no_version(dataset_id, version)
             repo.mark_version(conn, version_id=found.id, state=repo.State.DELETING)
             self._audit.record(
                 conn,
@@ -280,6 +283,7 @@ class DatasetService:
                 data={"dataset_id": dataset_id, "version": version},
             )
         self._drop_version(found.id, found.blob_key)
+        return found
 
     def delete(self, *, org_id: str, dataset_id: str, actor: Actor) -> None:
         with self._db.write() as conn:
@@ -334,6 +338,10 @@ class DatasetService:
 
 def _no_dataset(dataset_id: str) -> NotFound:
     return NotFound(f"No dataset with id {dataset_id!r}.", param="dataset_id")
+
+
+def _no_version(dataset_id: str, version: int) -> NotFound:
+    return NotFound(f"Dataset {dataset_id!r} has no version {version}.", param="version")
 
 
 def _profile_document(built: BuiltVersion) -> dict[str, object]:
