@@ -22,11 +22,13 @@ from aiaas.api import (
     datasets,
     embeddings,
     files,
+    fine_tuning,
     health,
     llm,
     models,
     organizations,
     projects,
+    registry,
 )
 from aiaas.api.errors import install_error_handlers
 from aiaas.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
@@ -64,6 +66,7 @@ def create_app(settings: Settings) -> FastAPI:
             if issued is not None:
                 _announce_admin_key(issued, settings)
             platform.start_models()
+            platform.start_jobs()
             app.state.platform = platform
             yield
         finally:
@@ -90,6 +93,8 @@ def create_app(settings: Settings) -> FastAPI:
         embeddings.router,
         files.router,
         datasets.router,
+        fine_tuning.router,
+        registry.router,
         organizations.router,
         projects.router,
         api_keys.router,

@@ -199,3 +199,115 @@ class Page(Generic[T]):
 
     items: list[T]
     has_more: bool
+
+
+class JobStatus(StrEnum):
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class JobControl(StrEnum):
+    """A request to a running job's worker, read with its heartbeat."""
+
+    CANCEL = "cancel"
+    PAUSE = "pause"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A training job. `spec` is the resolved plan the worker runs (see services/jobs.py)."""
+
+    id: str
+    org_id: str
+    project_id: str
+    kind: str
+    model: str
+    status: JobStatus
+    dataset_version_id: str
+    task: str
+    target_column: str
+    spec: dict[str, Any]
+    seed: int
+    suffix: str | None
+    metadata: dict[str, str] | None
+    register_to: str | None
+    fine_tuned_model: str | None
+    model_version_id: str | None
+    error: dict[str, Any] | None
+    control: JobControl | None
+    attempts: int
+    worker: str | None  # the claim token of the worker that holds it
+    epoch: int
+    step: int
+    trained_samples: int
+    estimated_finish: float | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    id: str
+    job_id: str
+    level: str  # "info", "warn", "error"
+    type: str  # "message", "metrics"
+    message: str
+    data: dict[str, Any] | None
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class JobCheckpoint:
+    id: str
+    job_id: str
+    epoch: int
+    step: int
+    metrics: dict[str, Any] | None
+    blob_key: str | None  # None once a newer checkpoint superseded it
+    bytes: int
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredModel:
+    id: str
+    org_id: str
+    project_id: str
+    base: str
+    task: str
+    created_at: float
+    latest_version: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact:
+    name: str  # "model.safetensors", "model.onnx", "preprocessing.json"
+    blob_key: str
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersion:
+    """An immutable registered version: artifacts, evaluation and lineage."""
+
+    id: str
+    model_id: str
+    org_id: str
+    version: int
+    artifacts: dict[str, Artifact]
+    metrics: dict[str, Any]
+    lineage: dict[str, Any]
+    dataset_version_id: str | None
+    job_id: str | None
+    created_at: float

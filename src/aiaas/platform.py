@@ -13,8 +13,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import SecretStr
-
 from aiaas.domain import IssuedKey
 from aiaas.engines.embeddings.export import minilm_l6_v2_dir
 from aiaas.engines.llm.bundled import BUNDLED_GGUF
@@ -28,13 +26,17 @@ from aiaas.services.datasets import DatasetService
 from aiaas.services.embeddings import EmbeddingService
 from aiaas.services.files import FileService
 from aiaas.services.inference import InferenceService
+from aiaas.services.jobs import JobService
 from aiaas.services.keys import KeyService
+from aiaas.services.registry import RegistryService
 from aiaas.services.tenancy import TenancyService
 from aiaas.settings import BUNDLED_MODELS, Settings
-from aiaas.storage.blobs import EncryptedBlobStore, open_blob_store
-from aiaas.storage.crypto import KeyRing, load_or_create_secret
+from aiaas.storage.blobs import EncryptedBlobStore
+from aiaas.storage.crypto import KeyRing
 from aiaas.storage.db import Database
-from aiaas.storage.repos.data_keys import DataKeyRepo
+from aiaas.storage.opened import Storage
+from aiaas.workers.local import LocalExecutor
+from aiaas.workers.runner import JobRunner, RunnerConfig
 
 log = logging.getLogger("aiaas.platform")
 
@@ -68,28 +70,14 @@ class Platform:
     pool: ModelPool
     inference: InferenceService
     embeddings: EmbeddingService
+    jobs: JobService
+    registry: RegistryService
+    runner: JobRunner | None = None
 
     @classmethod
     def open(cls, settings: Settings) -> Platform:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        db = Database(settings.resolved_database_url)
-        try:
-            db.migrate()
-            master = load_or_create_secret(
-                _secret(settings.master_key),
-                settings.data_dir / "master-key",
-                name="AIAAS_MASTER_KEY",
-            )
-            pepper = load_or_create_secret(
-                _secret(settings.key_pepper),
-                settings.data_dir / "key-pepper",
-                name="AIAAS_KEY_PEPPER",
-            )
-            keyring = KeyRing(master, DataKeyRepo(db))
-            blobs = open_blob_store(settings.resolved_blob_url, keyring)
-        except BaseException:
-            db.close()
-            raise
+        storage = Storage.open(settings, migrate=True)
+        db, keyring, blobs, pepper = storage.db, storage.keyring, storage.blobs, storage.pepper
         audit = AuditService(db)
         keys = KeyService(
             db,
@@ -103,6 +91,8 @@ class Platform:
             db, blobs, files, audit, max_source_bytes=settings.max_dataset_bytes
         )
         datasets.sweep()
+        registry = RegistryService(db, blobs, audit)
+        registry.sweep()
         metrics = Metrics()
         pool = ModelPool(
             EngineConfig(
@@ -130,6 +120,8 @@ class Platform:
             pool=pool,
             inference=InferenceService(pool, metrics),
             embeddings=EmbeddingService(pool, metrics),
+            jobs=JobService(db, audit),
+            registry=registry,
         )
 
     def start_models(self) -> None:
@@ -137,6 +129,23 @@ class Platform:
         specs = model_specs(self.settings)
         self.readiness.loading.update(spec.id for spec in specs)
         self.pool.load_in_background(specs, on_done=self.readiness.loading.discard)
+
+    def start_jobs(self) -> None:
+        """Run queued training jobs in worker processes (the server only, not the CLI)."""
+        if self.settings.training_workers == 0:
+            return
+        runner = JobRunner(
+            self.db,
+            LocalExecutor(self.settings),
+            RunnerConfig(
+                slots=self.settings.training_workers,
+                heartbeat_timeout_s=self.settings.job_heartbeat_timeout_s,
+                max_attempts=self.settings.job_max_attempts,
+            ),
+        )
+        self.jobs.set_runner(runner.wake)
+        runner.start()
+        self.runner = runner
 
     def bootstrap_admin_key(self) -> IssuedKey | None:
         """On the first start, create the operator's key and save it (mode 0600)."""
@@ -146,6 +155,8 @@ class Platform:
         return issued
 
     def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
         self.pool.close()
         self.blobs.close()
         self.db.close()
@@ -196,10 +207,6 @@ def _read_template(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigurationError(f"cannot read chat template {path}: {exc}") from exc
-
-
-def _secret(value: SecretStr | None) -> str | None:
-    return value.get_secret_value() if value is not None else None
 
 
 def write_private_file(path: Path, text: str) -> None:

@@ -92,6 +92,21 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest total of source files one dataset version is made from (in memory).",
     )
+    training_workers: int = Field(
+        default=1, ge=0, le=64, description="Training jobs run at once (0: this replica runs none)."
+    )
+    training_threads: int = Field(
+        default_factory=lambda: os.cpu_count() or 1, ge=1, description="Torch threads per job."
+    )
+    training_checkpoint_interval_s: float = Field(
+        default=300.0, gt=0, description="Most seconds between checkpoints within an epoch."
+    )
+    job_heartbeat_timeout_s: float = Field(
+        default=60.0, ge=2, description="A running job without a heartbeat this long is requeued."
+    )
+    job_max_attempts: int = Field(
+        default=3, ge=1, le=100, description="Workers a job may lose before it fails."
+    )
 
     @field_validator("data_dir")
     @classmethod

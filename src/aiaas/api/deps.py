@@ -132,6 +132,8 @@ def org_context(scope: Scope) -> Callable[..., OrgContext]:
 OrgContextDep = Annotated[OrgContext, Depends(org_context(Scope.ADMIN))]
 FilesReadDep = Annotated[OrgContext, Depends(org_context(Scope.FILES_READ))]
 FilesWriteDep = Annotated[OrgContext, Depends(org_context(Scope.FILES_WRITE))]
+TrainingDep = Annotated[OrgContext, Depends(org_context(Scope.TRAINING))]
+ModelsReadCtxDep = Annotated[OrgContext, Depends(org_context(Scope.MODELS_READ))]
 
 
 After = Annotated[

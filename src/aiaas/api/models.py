@@ -1,4 +1,4 @@
-"""OpenAI `/v1/models`: the models this caller may use."""
+"""OpenAI `/v1/models`: the served models, and the caller's organisation's trained models."""
 
 from __future__ import annotations
 
@@ -7,18 +7,35 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 
 from aiaas.api.deps import ModelsReadDep, PlatformDep
+from aiaas.errors import ModelNotFound
 from aiaas.protocol.openai import Model, ModelList
+from aiaas.protocol.registry import RegisteredModelPublic
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 @router.get("", response_model=ModelList)
-def list_models(_principal: ModelsReadDep, platform: PlatformDep) -> ModelList:
-    return ModelList(data=platform.inference.models())
+def list_models(principal: ModelsReadDep, platform: PlatformDep) -> ModelList:
+    served = platform.inference.models()
+    trained: list[Model] = []
+    if principal.org_id is not None:
+        trained = [
+            RegisteredModelPublic.from_domain(m)
+            for m in platform.registry.list_models(org_id=principal.org_id)
+        ]
+    return ModelList(data=[*served, *trained])
 
 
 @router.get("/{model}", response_model=Model)
 def retrieve_model(
-    model: Annotated[str, Path(max_length=256)], _principal: ModelsReadDep, platform: PlatformDep
+    model: Annotated[str, Path(max_length=256)], principal: ModelsReadDep, platform: PlatformDep
 ) -> Model:
-    return platform.inference.model(model)
+    try:
+        return platform.inference.model(model)
+    except ModelNotFound:
+        if principal.org_id is None:
+            raise
+        found = platform.registry.find_model(org_id=principal.org_id, model_id=model)
+        if found is None:
+            raise
+        return RegisteredModelPublic.from_domain(found)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
+from sqlalchemy import Connection
 
 from aiaas.data.build import (
     BuildOptions,
@@ -25,7 +26,7 @@ from aiaas.data.build import (
     read_version,
 )
 from aiaas.domain import Actor, Dataset, DatasetVersion, Page
-from aiaas.errors import InvalidRequest, NotFound, PayloadTooLarge
+from aiaas.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from aiaas.ids import new_id, now
 from aiaas.privacy.pii import PiiDetector
 from aiaas.services.audit import AuditService
@@ -33,6 +34,8 @@ from aiaas.services.files import FileService
 from aiaas.storage.blobs import EncryptedBlobStore
 from aiaas.storage.db import Database
 from aiaas.storage.repos import datasets as repo
+from aiaas.storage.repos import jobs as jobs_repo
+from aiaas.storage.repos import registry as registry_repo
 from aiaas.storage.repos import tenancy as tenancy_repo
 
 log = logging.getLogger("aiaas.datasets")
@@ -272,6 +275,7 @@ class DatasetService:
             found = repo.get_version(conn, org_id=org_id, dataset_id=dataset_id, version=version)
             if found is None:
                 raise _no_version(dataset_id, version)
+            _refuse_if_used(conn, [found.id], what=f"version {version} of dataset {dataset_id}")
             repo.mark_version(conn, version_id=found.id, state=repo.State.DELETING)
             self._audit.record(
                 conn,
@@ -291,6 +295,7 @@ class DatasetService:
             if dataset is None:
                 raise _no_dataset(dataset_id)
             versions = repo.versions_of(conn, dataset_id=dataset_id)
+            _refuse_if_used(conn, [v for v, _ in versions], what=f"dataset {dataset_id}")
             repo.mark_dataset(conn, dataset_id=dataset_id, state=repo.State.DELETING)
             for version_id, _ in versions:
                 repo.mark_version(conn, version_id=version_id, state=repo.State.DELETING)
@@ -334,6 +339,18 @@ class DatasetService:
         self._blobs.delete(blob_key)
         with self._db.write() as conn:
             repo.remove_version(conn, version_id=version_id)
+
+
+def _refuse_if_used(conn: Connection, version_ids: list[str], *, what: str) -> None:
+    """A version that trained a registered model, or feeds an unfinished job, is lineage."""
+    models = registry_repo.count_using_dataset_versions(conn, version_ids=version_ids)
+    jobs = jobs_repo.count_using_dataset_versions(conn, version_ids=version_ids)
+    if models or jobs:
+        raise Conflict(
+            f"Cannot delete {what}: {models} model version(s) and {jobs} unfinished job(s) "
+            "were trained on it. Delete those models (or cancel the jobs) first.",
+            code="dataset_in_use",
+        )
 
 
 def _no_dataset(dataset_id: str) -> NotFound:

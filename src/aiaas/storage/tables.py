@@ -180,3 +180,115 @@ dataset_versions = Table(
     Column("created_at", Float, nullable=False),
     UniqueConstraint("dataset_id", "version", name="uq_dataset_versions_dataset_id_version"),
 )
+
+# One durable queue for every kind of job. `worker` is the claim token of the process that runs
+# it: every write a worker makes is fenced by it, so a worker whose job was taken back (missed
+# heartbeats) can no longer change anything. `control` carries a request to the running worker
+# ("cancel", "pause"), which it reads with its heartbeat.
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("org_id", String(64), ForeignKey("organizations.id"), nullable=False),
+    Column("project_id", String(64), ForeignKey("projects.id"), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("model", String(64), nullable=False),
+    Column("status", String(24), nullable=False),
+    Column("dataset_version_id", String(64), ForeignKey("dataset_versions.id"), nullable=False),
+    Column("task", String(32), nullable=False),
+    Column("target_column", String(256), nullable=False),
+    # JSON: the resolved hyperparameters, architecture options and preprocessing plan.
+    Column("spec", Text, nullable=False),
+    Column("seed", BigInteger, nullable=False),
+    Column("suffix", String(64), nullable=True),
+    Column("user_metadata", Text, nullable=True),
+    Column("register_to", String(256), nullable=True),
+    Column("fine_tuned_model", String(256), nullable=True),
+    Column("model_version_id", String(64), nullable=True),
+    Column("error", Text, nullable=True),
+    Column("control", String(16), nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("worker", String(128), nullable=True),
+    Column("heartbeat_at", Float, nullable=True),
+    Column("epoch", Integer, nullable=False, default=0),
+    Column("step", BigInteger, nullable=False, default=0),
+    Column("trained_samples", BigInteger, nullable=False, default=0),
+    Column("estimated_finish", Float, nullable=True),
+    Column("created_by", String(64), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float, nullable=True),
+    Column("finished_at", Float, nullable=True),
+    Index("ix_jobs_org_id_seq", "org_id", "seq"),
+    Index("ix_jobs_status_seq", "status", "seq"),
+)
+
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("job_id", String(64), ForeignKey("jobs.id"), nullable=False),
+    Column("level", String(8), nullable=False),
+    Column("type", String(16), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("data", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Index("ix_job_events_job_id_seq", "job_id", "seq"),
+)
+
+# A row per checkpoint the worker wrote. Only the newest keeps its blob (the one a resume
+# reads); older rows stay for their metrics with `blob_key` NULL.
+job_checkpoints = Table(
+    "job_checkpoints",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("job_id", String(64), ForeignKey("jobs.id"), nullable=False),
+    Column("epoch", Integer, nullable=False),
+    Column("step", BigInteger, nullable=False),
+    Column("metrics", Text, nullable=True),
+    Column("blob_key", String(256), nullable=True),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ix_job_checkpoints_job_id_seq", "job_id", "seq"),
+)
+
+# The registry: a model is a name in an organisation; its versions are immutable artifacts with
+# metrics and lineage. A model exists once its first version is ready (same life cycle as
+# datasets: "creating" → "ready" → "deleting").
+models = Table(
+    "models",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(256), nullable=False, unique=True),
+    Column("org_id", String(64), ForeignKey("organizations.id"), nullable=False),
+    Column("project_id", String(64), ForeignKey("projects.id"), nullable=False),
+    Column("base", String(64), nullable=False),
+    Column("task", String(32), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("created_by", String(64), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Index("ix_models_org_id_seq", "org_id", "seq"),
+)
+
+model_versions = Table(
+    "model_versions",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("model_id", String(256), ForeignKey("models.id"), nullable=False),
+    Column("org_id", String(64), ForeignKey("organizations.id"), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    # JSON: {name: {"blob_key", "bytes", "sha256", "format"}}, the evaluation, the lineage.
+    Column("artifacts", Text, nullable=False),
+    Column("metrics", Text, nullable=False),
+    Column("lineage", Text, nullable=False),
+    Column("dataset_version_id", String(64), ForeignKey("dataset_versions.id"), nullable=True),
+    Column("job_id", String(64), nullable=True),
+    Column("created_by", String(64), nullable=True),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("model_id", "version", name="uq_model_versions_model_id_version"),
+    Index("ix_model_versions_dataset_version_id", "dataset_version_id"),
+)

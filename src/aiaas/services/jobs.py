@@ -1,0 +1,316 @@
+"""Training jobs: the use cases behind `/v1/fine_tuning/jobs`.
+
+A job is planned and checked when it is created (see `training/plan.py`), so a bad request is a
+4xx and never a job that fails later; it then waits in the durable queue until the runner
+(`workers/runner.py`) claims it for a worker process. Cancel and pause reach a running worker
+through the job row, which the worker reads with its heartbeat; this service waits briefly for
+the worker to act, so a caller usually sees the final state in the response.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Connection
+
+from aiaas.data.profile import DatasetProfile
+from aiaas.data.types import Task
+from aiaas.domain import (
+    Actor,
+    DatasetVersion,
+    Job,
+    JobCheckpoint,
+    JobControl,
+    JobEvent,
+    JobStatus,
+    Page,
+)
+from aiaas.errors import InvalidRequest, NotFound
+from aiaas.ids import new_id
+from aiaas.services.audit import AuditService
+from aiaas.storage.db import Database
+from aiaas.storage.repos import datasets as datasets_repo
+from aiaas.storage.repos import jobs as repo
+from aiaas.storage.repos import registry as registry_repo
+from aiaas.storage.repos import tenancy as tenancy_repo
+from aiaas.training.architectures import ArchitectureOptions
+from aiaas.training.plan import HyperparameterChoices, TrainingPlan, plan
+from aiaas.training.preprocess import PreprocessingSpec
+
+TRAINING = "training"
+_SLUG = re.compile(r"[^a-z0-9]+")
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """A create request, parsed (see protocol/fine_tuning.py)."""
+
+    model: str
+    training_file: str  # a dataset version id, or a dataset id (its latest version)
+    hyperparameters: HyperparameterChoices
+    architecture: ArchitectureOptions
+    task: Task | None
+    target_column: str | None
+    seed: int | None
+    suffix: str | None
+    metadata: dict[str, str] | None
+    register_to: str | None
+
+
+class JobService:
+    def __init__(
+        self,
+        db: Database,
+        audit: AuditService,
+        *,
+        wake_runner: Callable[[], None] = lambda: None,
+        settle_timeout_s: float = 10.0,
+    ) -> None:
+        self._db = db
+        self._audit = audit
+        self._wake_runner = wake_runner
+        self._settle_timeout_s = settle_timeout_s
+
+    def set_runner(self, wake: Callable[[], None]) -> None:
+        self._wake_runner = wake
+
+    # -- create ----------------------------------------------------------------------------------
+
+    def create(self, *, org_id: str, project_id: str, actor: Actor, request: JobRequest) -> Job:
+        job_id = new_id("ftjob", sep="-")
+        with self._db.read() as conn:
+            version = self._training_version(conn, org_id, request.training_file)
+            org = tenancy_repo.get_org(conn, org_id)
+            target_model = None
+            if request.register_to is not None:
+                target_model = registry_repo.get_model(
+                    conn, org_id=org_id, model_id=request.register_to
+                )
+                if target_model is None:
+                    raise NotFound(
+                        f"The model '{request.register_to}' does not exist.", param="register_to"
+                    )
+        assert org is not None
+        profile = DatasetProfile.model_validate(
+            {k: v for k, v in version.profile.items() if k != "splits"}
+        )
+        model_name = request.register_to or fine_tuned_name(
+            request.model, org.name, request.suffix, job_id
+        )
+        resolved = plan(
+            model=request.model,
+            columns=[(c.name, c.type) for c in profile.columns],
+            dataset_spec=PreprocessingSpec.model_validate(version.preprocessing),
+            target=request.target_column,
+            task=request.task,
+            hyperparameters=request.hyperparameters,
+            architecture=request.architecture,
+            model_name=model_name,
+        )
+        if target_model is not None and (target_model.base, target_model.task) != (
+            resolved.model,
+            resolved.task.value,
+        ):
+            raise InvalidRequest(
+                f"Model '{target_model.id}' is a {target_model.task} {target_model.base}; this "
+                f"job trains a {resolved.task.value} {resolved.model}.",
+                param="register_to",
+            )
+        train_rows = int((version.profile.get("splits") or {}).get("train", 0))
+        if train_rows < 2:
+            raise InvalidRequest(
+                f"Dataset version {version.id} has {train_rows} training rows; at least 2 needed.",
+                param="training_file",
+            )
+        seed = request.seed if request.seed is not None else int.from_bytes(job_id.encode()[-4:])
+        with self._db.write() as conn:
+            job = repo.insert_job(
+                conn,
+                job_id=job_id,
+                org_id=org_id,
+                project_id=project_id,
+                kind=TRAINING,
+                model=request.model,
+                dataset_version_id=version.id,
+                task=resolved.task.value,
+                target_column=resolved.target_column,
+                spec=resolved.model_dump(mode="json"),
+                seed=seed % 2**31,
+                suffix=request.suffix,
+                metadata=request.metadata,
+                register_to=request.register_to,
+                created_by=actor.id,
+            )
+            repo.add_event(
+                conn,
+                job_id=job_id,
+                message=(
+                    f"Validated dataset version {version.id} ({train_rows} training rows): "
+                    f"{resolved.task.value} of {resolved.target_column!r} with {request.model}."
+                ),
+            )
+            repo.add_event(conn, job_id=job_id, message="Job queued.")
+            self._audit.record(
+                conn,
+                actor=actor,
+                action="job.created",
+                target_type="job",
+                target_id=job_id,
+                org_id=org_id,
+                project_id=project_id,
+                data={"model": request.model, "dataset_version_id": version.id},
+            )
+        self._wake_runner()
+        return job
+
+    def _training_version(self, conn: Connection, org_id: str, ref: str) -> DatasetVersion:
+        if ref.startswith("dsv_"):
+            found = datasets_repo.get_version_by_id(conn, org_id=org_id, version_id=ref)
+        elif ref.startswith("ds_"):
+            dataset = datasets_repo.get_dataset(conn, org_id=org_id, dataset_id=ref)
+            found = None
+            if dataset is not None and dataset.latest_version is not None:
+                found = datasets_repo.get_version(
+                    conn, org_id=org_id, dataset_id=ref, version=dataset.latest_version
+                )
+        else:
+            raise InvalidRequest(
+                "training_file names a dataset version (dsv_...) or a dataset (ds_..., its "
+                "latest version). To train on an uploaded file, make a dataset from it first: "
+                "POST /v1/datasets.",
+                param="training_file",
+            )
+        if found is None:
+            raise NotFound(f"No dataset version {ref!r}.", param="training_file")
+        return found
+
+    # -- read ------------------------------------------------------------------------------------
+
+    def get(self, *, org_id: str, job_id: str) -> Job:
+        with self._db.read() as conn:
+            job = repo.get_job(conn, org_id=org_id, job_id=job_id)
+        if job is None:
+            raise _no_job(job_id)
+        return job
+
+    def list(
+        self, *, org_id: str, after: str | None, limit: int, metadata: dict[str, str]
+    ) -> Page[Job]:
+        with self._db.read() as conn:
+            return repo.list_jobs(conn, org_id=org_id, after=after, limit=limit, metadata=metadata)
+
+    def events(self, *, org_id: str, job_id: str, after: str | None, limit: int) -> Page[JobEvent]:
+        self.get(org_id=org_id, job_id=job_id)
+        with self._db.read() as conn:
+            return repo.list_events(conn, job_id=job_id, after=after, limit=limit)
+
+    def checkpoints(
+        self, *, org_id: str, job_id: str, after: str | None, limit: int
+    ) -> Page[JobCheckpoint]:
+        self.get(org_id=org_id, job_id=job_id)
+        with self._db.read() as conn:
+            return repo.list_checkpoints(conn, job_id=job_id, after=after, limit=limit)
+
+    # -- control ---------------------------------------------------------------------------------
+
+    def cancel(self, *, org_id: str, job_id: str, actor: Actor) -> Job:
+        return self._control(
+            org_id,
+            job_id,
+            actor,
+            control=JobControl.CANCEL,
+            now_from=(JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.PAUSED),
+            now_to=JobStatus.CANCELLED,
+        )
+
+    def pause(self, *, org_id: str, job_id: str, actor: Actor) -> Job:
+        return self._control(
+            org_id,
+            job_id,
+            actor,
+            control=JobControl.PAUSE,
+            now_from=(JobStatus.VALIDATING_FILES, JobStatus.QUEUED),
+            now_to=JobStatus.PAUSED,
+        )
+
+    def resume(self, *, org_id: str, job_id: str, actor: Actor) -> Job:
+        with self._db.write() as conn:
+            job = self._get_in(conn, org_id, job_id)
+            if not repo.transition(
+                conn, job_id=job_id, expected=[JobStatus.PAUSED], status=JobStatus.QUEUED
+            ):
+                raise _bad_state(job, "resume", "only a paused job can be resumed")
+            repo.add_event(conn, job_id=job_id, message="Job resumed; queued.")
+            self._record(conn, actor, job, "job.resumed")
+        self._wake_runner()
+        return self.get(org_id=org_id, job_id=job_id)
+
+    def _control(
+        self,
+        org_id: str,
+        job_id: str,
+        actor: Actor,
+        *,
+        control: JobControl,
+        now_from: tuple[JobStatus, ...],
+        now_to: JobStatus,
+    ) -> Job:
+        verb = control.value
+        with self._db.write() as conn:
+            job = self._get_in(conn, org_id, job_id)
+            if repo.transition(conn, job_id=job_id, expected=now_from, status=now_to):
+                repo.add_event(conn, job_id=job_id, message=f"Job {now_to.value}.")
+            elif repo.request_control(conn, job_id=job_id, control=control):
+                repo.add_event(conn, job_id=job_id, message=f"Asked the worker to {verb}.")
+            elif job.status is not now_to:
+                raise _bad_state(job, verb, f"the job is already {job.status.value}")
+            self._record(conn, actor, job, f"job.{verb}_requested")
+        return self._settle(org_id, job_id)
+
+    def _settle(self, org_id: str, job_id: str) -> Job:
+        """Wait (briefly) for a running worker to act on a request; return the job as it is."""
+        deadline = time.monotonic() + self._settle_timeout_s
+        while True:
+            job = self.get(org_id=org_id, job_id=job_id)
+            if job.status is not JobStatus.RUNNING or time.monotonic() > deadline:
+                return job
+            time.sleep(0.05)
+
+    def _get_in(self, conn: Connection, org_id: str, job_id: str) -> Job:
+        job = repo.get_job(conn, org_id=org_id, job_id=job_id)
+        if job is None:
+            raise _no_job(job_id)
+        return job
+
+    def _record(self, conn: Connection, actor: Actor, job: Job, action: str) -> None:
+        self._audit.record(
+            conn,
+            actor=actor,
+            action=action,
+            target_type="job",
+            target_id=job.id,
+            org_id=job.org_id,
+            project_id=job.project_id,
+        )
+
+
+def fine_tuned_name(base: str, org_name: str, suffix: str | None, job_id: str) -> str:
+    """`ft:<base>:<org>:<suffix>:<job>`, as OpenAI names fine-tuned models."""
+    org_slug = _SLUG.sub("-", org_name.lower()).strip("-")[:40] or "org"
+    return f"ft:{base}:{org_slug}:{suffix or ''}:{job_id.removeprefix('ftjob-')}"
+
+
+def _no_job(job_id: str) -> NotFound:
+    return NotFound(f"No fine-tuning job with id {job_id!r}.", param="fine_tuning_job_id")
+
+
+def _bad_state(job: Job, verb: str, why: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"Cannot {verb} job {job.id}: {why}.", param="fine_tuning_job_id", code="invalid_job_state"
+    )
+
+
+__all__ = ["TRAINING", "JobRequest", "JobService", "TrainingPlan", "fine_tuned_name"]

@@ -1,0 +1,222 @@
+"""The model registry: models, their immutable versions, artifacts, metrics and lineage.
+
+A version is registered in three steps, like a dataset version: reserve (an invisible row with
+its number), write the artifacts (encrypted blobs under `models/<org>/<version id>/`), publish
+(the row becomes `ready` with its audit event). A failure removes what was reserved; a crash
+leaves rows and blobs that `sweep()` removes at the next start. Artifacts are safetensors, ONNX
+and JSON only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiaas.domain import Actor, Artifact, ModelVersion, Page, RegisteredModel
+from aiaas.errors import Conflict, NotFound
+from aiaas.ids import new_id, now
+from aiaas.services.audit import AuditService
+from aiaas.storage.blobs import EncryptedBlobStore
+from aiaas.storage.db import Database
+from aiaas.storage.repos import registry as repo
+
+log = logging.getLogger("aiaas.registry")
+
+
+@dataclass(frozen=True, slots=True)
+class NewVersion:
+    """What a training job (or an import) registers."""
+
+    org_id: str
+    project_id: str
+    model_id: str
+    base: str
+    task: str
+    artifacts: Sequence[tuple[str, bytes]]  # (file name, content)
+    metrics: dict[str, Any]
+    lineage: dict[str, Any]
+    dataset_version_id: str | None
+    job_id: str | None
+
+
+class RegistryService:
+    def __init__(
+        self,
+        db: Database,
+        blobs: EncryptedBlobStore,
+        audit: AuditService,
+        *,
+        abandon_after_s: float = 3600.0,
+    ) -> None:
+        self._db = db
+        self._blobs = blobs
+        self._audit = audit
+        self._abandon_after_s = abandon_after_s
+
+    # -- register --------------------------------------------------------------------------------
+
+    def register(self, new: NewVersion, *, actor: Actor) -> ModelVersion:
+        version_id = new_id("mv")
+        with self._db.write() as conn:
+            existing = repo.get_model(conn, org_id=new.org_id, model_id=new.model_id)
+            if existing is not None and (existing.base, existing.task) != (new.base, new.task):
+                raise Conflict(
+                    f"Model {new.model_id!r} is a {existing.task} {existing.base}; a "
+                    f"{new.task} {new.base} cannot be a version of it.",
+                    param="register_to",
+                )
+            repo.reserve_version(
+                conn,
+                version_id=version_id,
+                model_id=new.model_id,
+                org_id=new.org_id,
+                project_id=new.project_id,
+                base=new.base,
+                task=new.task,
+                created_by=actor.id,
+            )
+        try:
+            artifacts = [
+                self._store(new.org_id, version_id, name, content)
+                for name, content in new.artifacts
+            ]
+            with self._db.write() as conn:
+                version = repo.publish_version(
+                    conn,
+                    version_id=version_id,
+                    artifacts=artifacts,
+                    metrics=new.metrics,
+                    lineage=new.lineage,
+                    dataset_version_id=new.dataset_version_id,
+                    job_id=new.job_id,
+                )
+                self._audit.record(
+                    conn,
+                    actor=actor,
+                    action="model.version.registered",
+                    target_type="model_version",
+                    target_id=version_id,
+                    org_id=new.org_id,
+                    project_id=new.project_id,
+                    data={"model": new.model_id, "version": version.version, "job_id": new.job_id},
+                )
+        except BaseException:
+            self._drop_version(new.org_id, version_id)
+            self._remove_if_empty(new.model_id)
+            raise
+        return version
+
+    def _store(self, org_id: str, version_id: str, name: str, content: bytes) -> Artifact:
+        key = f"{_prefix(org_id, version_id)}{name}"
+        info = self._blobs.put(org_id, key, [content])
+        return Artifact(
+            name=name, blob_key=key, bytes=info.size, sha256=hashlib.sha256(content).hexdigest()
+        )
+
+    # -- read ------------------------------------------------------------------------------------
+
+    def get_model(self, *, org_id: str, model_id: str) -> RegisteredModel:
+        with self._db.read() as conn:
+            found = repo.get_model(conn, org_id=org_id, model_id=model_id)
+        if found is None:
+            raise NotFound(f"The model '{model_id}' does not exist.", param="model")
+        return found
+
+    def find_model(self, *, org_id: str, model_id: str) -> RegisteredModel | None:
+        with self._db.read() as conn:
+            return repo.get_model(conn, org_id=org_id, model_id=model_id)
+
+    def list_models(self, *, org_id: str) -> list[RegisteredModel]:
+        with self._db.read() as conn:
+            return repo.list_models(conn, org_id=org_id).items
+
+    def get_version(self, *, org_id: str, model_id: str, version: int) -> ModelVersion:
+        with self._db.read() as conn:
+            found = repo.get_version(conn, org_id=org_id, model_id=model_id, version=version)
+        if found is None:
+            raise NotFound(f"Model '{model_id}' has no version {version}.", param="version")
+        return found
+
+    def list_versions(
+        self, *, org_id: str, model_id: str, after: str | None, limit: int
+    ) -> Page[ModelVersion]:
+        self.get_model(org_id=org_id, model_id=model_id)
+        with self._db.read() as conn:
+            return repo.list_versions(
+                conn, org_id=org_id, model_id=model_id, after=after, limit=limit
+            )
+
+    def open_artifact(self, version: ModelVersion, name: str) -> tuple[Artifact, Iterator[bytes]]:
+        artifact = version.artifacts.get(name)
+        if artifact is None:
+            raise NotFound(
+                f"Version {version.version} of '{version.model_id}' has no artifact {name!r} "
+                f"(it has {', '.join(sorted(version.artifacts))}).",
+                param="artifact",
+            )
+        return artifact, self._blobs.open(artifact.blob_key)
+
+    def read_artifact(self, version: ModelVersion, name: str) -> bytes:
+        _, chunks = self.open_artifact(version, name)
+        return b"".join(chunks)
+
+    # -- delete ----------------------------------------------------------------------------------
+
+    def delete_model(self, *, org_id: str, model_id: str, actor: Actor) -> None:
+        with self._db.write() as conn:
+            model = repo.get_model(conn, org_id=org_id, model_id=model_id)
+            if model is None:
+                raise NotFound(f"The model '{model_id}' does not exist.", param="model")
+            versions = repo.versions_of(conn, model_id=model_id)
+            repo.mark_model(conn, model_id=model_id, state=repo.State.DELETING)
+            for version_id, _ in versions:
+                repo.mark_version(conn, version_id=version_id, state=repo.State.DELETING)
+            self._audit.record(
+                conn,
+                actor=actor,
+                action="model.deleted",
+                target_type="model",
+                target_id=model_id,
+                org_id=org_id,
+                project_id=model.project_id,
+                data={"versions": len(versions)},
+            )
+        for version_id, _ in versions:
+            self._drop_version(org_id, version_id)
+        with self._db.write() as conn:
+            repo.remove_model(conn, model_id=model_id)
+
+    def sweep(self) -> int:
+        """Remove versions whose registration or deletion a crash cut short; return how many."""
+        before = now() - self._abandon_after_s
+        with self._db.read() as conn:
+            versions, _ = repo.abandoned(conn, creating_before=before)
+        for row in versions:
+            self._drop_version(row.org_id, row.id)
+        with self._db.write() as conn:
+            _, empty = repo.abandoned(conn, creating_before=before)
+            for model_id in empty:
+                repo.remove_model(conn, model_id=model_id)
+        if versions:
+            log.info("removed %d unfinished model versions", len(versions))
+        return len(versions)
+
+    def _drop_version(self, org_id: str, version_id: str) -> None:
+        # Blobs first: a crash in between leaves a row the next sweep finds, never an orphan blob.
+        for key in list(self._blobs.keys(_prefix(org_id, version_id))):
+            self._blobs.delete(key)
+        with self._db.write() as conn:
+            repo.remove_version(conn, version_id=version_id)
+
+    def _remove_if_empty(self, model_id: str) -> None:
+        with self._db.write() as conn:
+            _, empty = repo.abandoned(conn, creating_before=0.0)
+            if model_id in empty:
+                repo.remove_model(conn, model_id=model_id)
+
+
+def _prefix(org_id: str, version_id: str) -> str:
+    return f"models/{org_id}/{version_id}/"

@@ -1,0 +1,1 @@
+"""Job workers: the runner that claims queued jobs and the executors that run them."""
