@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Literal, Protocol
 
@@ -41,6 +39,17 @@ from aiaas.training.checkpoints import (
     load_state,
     restore_optimizer,
     save_state,
+)
+from aiaas.training.loop_state import (
+    RunState,
+    Tensors,
+    batched_logits,
+    device_of,
+    epoch_order,
+    epoch_seed,
+    from_numpy,
+    input_tensors,
+    load_weights,
 )
 
 __all__ = [
@@ -135,7 +144,7 @@ class Trainer:
         self.hyper = hyper
         self._input_names: tuple[str, ...] = tuple(model.input_names)
         self._loss = _classification_loss if task is Task.CLASSIFICATION else _regression_loss
-        self._device = _device_of(model)
+        self._device = device_of(model)
 
     def run(
         self,
@@ -155,7 +164,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(
             params.values(), lr=self.hyper.learning_rate, weight_decay=self.hyper.weight_decay
         )
-        run = _Run(data=data, valid=valid_data, optimizer=optimizer, names=list(params))
+        run = RunState(data=data, valid=valid_data, optimizer=optimizer, names=list(params))
         if resume is not None:
             self._restore(run, load_state(resume))
         try:
@@ -177,14 +186,14 @@ class Trainer:
         finally:
             self.model.eval()
 
-    def _train_epoch(self, run: _Run, epoch: int, control: TrainingControl) -> Stop | None:
+    def _train_epoch(self, run: RunState, epoch: int, control: TrainingControl) -> Stop | None:
         """Steps from the run's position to the epoch's end; the Stop that interrupted it."""
         hyper, data, model, optimizer = self.hyper, run.data, self.model, run.optimizer
         if run.batch == 0:
-            run.start_epoch(_epoch_order(hyper.seed, epoch, data.n, self._device))
-            torch.manual_seed(_epoch_seed(hyper.seed, epoch))
+            run.start_epoch(epoch_order(hyper.seed, epoch, data.n, self._device))
+            torch.manual_seed(epoch_seed(hyper.seed, epoch))
         elif run.order is None:  # resumed mid-epoch: the RNG state came with the checkpoint
-            run.order = _epoch_order(hyper.seed, epoch, data.n, self._device)
+            run.order = epoch_order(hyper.seed, epoch, data.n, self._device)
         order, inputs, targets, size = run.order, data.inputs, data.targets, hyper.batch_size
         loss_fn, clip, params = self._loss, hyper.max_grad_norm, list(model.parameters())
         classify = self.task is Task.CLASSIFICATION
@@ -215,7 +224,7 @@ class Trainer:
         run.seconds += time.perf_counter() - started
         return None
 
-    def _end_epoch(self, run: _Run, epoch: int, control: TrainingControl) -> None:
+    def _end_epoch(self, run: RunState, epoch: int, control: TrainingControl) -> None:
         """Validate, record the epoch, update early stopping, then checkpoint."""
         validation_started = time.perf_counter()
         train_loss = run.epoch_loss(self.hyper.batch_size)
@@ -243,7 +252,7 @@ class Trainer:
         control.on_epoch(metrics)
         control.on_checkpoint(self._checkpoint(run), epoch=epoch, step=run.step, metrics=metrics)
 
-    def _track_best(self, run: _Run, epoch: int, valid_loss: float) -> None:
+    def _track_best(self, run: RunState, epoch: int, valid_loss: float) -> None:
         best = run.early_stopping
         if not math.isnan(valid_loss) and (best.best_loss is None or valid_loss < best.best_loss):
             best = EarlyStopping(best_loss=valid_loss, best_epoch=epoch)
@@ -256,13 +265,13 @@ class Trainer:
             best = replace(best, stopped=True)
         run.early_stopping = best
 
-    def _evaluate(self, data: _Tensors) -> tuple[float, float | None]:
+    def _evaluate(self, data: Tensors) -> tuple[float, float | None]:
         """Mean loss and accuracy (None for regression) over a split, in eval mode."""
         total = torch.zeros((), dtype=torch.float64, device=self._device)
         correct = torch.zeros((), dtype=torch.int64, device=self._device)
         classify = self.task is Task.CLASSIFICATION
         self.model.eval()
-        for rows, logits in _batched_logits(self.model, data.inputs, self.hyper.batch_size):
+        for rows, logits in batched_logits(self.model, data.inputs, self.hyper.batch_size):
             target = data.targets[rows]
             total += self._loss(logits, target, reduction="sum").double()
             if classify:
@@ -270,7 +279,7 @@ class Trainer:
         accuracy = correct.item() / data.n if classify else None
         return total.item() / data.n, accuracy
 
-    def _checkpoint(self, run: _Run) -> bytes:
+    def _checkpoint(self, run: RunState) -> bytes:
         batch_size = self.hyper.batch_size
         rng = {"cpu": torch.get_rng_state()}
         if self._device.type == "cuda":
@@ -291,7 +300,7 @@ class Trainer:
         )
         return save_state(state)
 
-    def _restore(self, run: _Run, state: TrainerState) -> None:
+    def _restore(self, run: RunState, state: TrainerState) -> None:
         expected = self._identity(run.data.n)
         if state.run != expected:
             raise ValueError(f"checkpoint is from another run: {state.run}, this one {expected}")
@@ -299,7 +308,7 @@ class Trainer:
             raise ValueError(
                 f"checkpoint is at batch {state.position.batch} of {run.data.n_batches}"
             )
-        _load_weights(self.model, state.model)
+        load_weights(self.model, state.model)
         restore_optimizer(run.optimizer, run.names, state.optimizer)
         torch.set_rng_state(state.rng["cpu"])
         if self._device.type == "cuda" and "cuda" in state.rng:
@@ -312,10 +321,10 @@ class Trainer:
             seed=hyper.seed, batch_size=hyper.batch_size, n_train=n_train, task=str(self.task)
         )
 
-    def _keeps_best(self, run: _Run) -> bool:
+    def _keeps_best(self, run: RunState) -> bool:
         return run.valid is not None and self.hyper.early_stopping_patience is not None
 
-    def _result(self, run: _Run, outcome: Outcome) -> TrainResult:
+    def _result(self, run: RunState, outcome: Outcome) -> TrainResult:
         best_epoch = None
         if outcome == "completed" and run.valid is not None:
             restored = self._keeps_best(run) and run.best_model is not None
@@ -328,8 +337,8 @@ class Trainer:
             stopped_early=run.early_stopping.stopped,
         )
 
-    def _tensors(self, split: Split) -> _Tensors:
-        inputs = _input_tensors(split.inputs, self._input_names, self._device)
+    def _tensors(self, split: Split) -> Tensors:
+        inputs = input_tensors(split.inputs, self._input_names, self._device)
         n = inputs[0].shape[0]
         dtype = np.int64 if self.task is Task.CLASSIFICATION else np.float32
         targets = np.asarray(split.targets, dtype=dtype)
@@ -338,98 +347,21 @@ class Trainer:
         if n == 0:
             raise ValueError("a split has no samples")
         n_batches = -(-n // self.hyper.batch_size)
-        return _Tensors(inputs, _from_numpy(targets).to(self._device), n, n_batches)
+        return Tensors(inputs, from_numpy(targets).to(self._device), n, n_batches)
 
 
 def predict(
     model: torch.nn.Module, inputs: dict[str, np.ndarray], *, batch_size: int = 256
 ) -> np.ndarray:
     """Logits as float32 [n, n_outputs], in eval mode; the model's mode is restored after."""
-    tensors = _input_tensors(inputs, tuple(model.input_names), _device_of(model))
+    tensors = input_tensors(inputs, tuple(model.input_names), device_of(model))
     was_training = model.training
     model.eval()
     try:
-        outputs = [logits for _, logits in _batched_logits(model, tensors, batch_size)]
+        outputs = [logits for _, logits in batched_logits(model, tensors, batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(outputs).float().cpu().numpy()
-
-
-@dataclass(frozen=True)
-class _Tensors:
-    inputs: tuple[torch.Tensor, ...]  # in the model's input_names order
-    targets: torch.Tensor
-    n: int
-    n_batches: int
-
-
-@dataclass(slots=True)
-class _Run:
-    """Where a run stands; mutated by the step loop, captured by checkpoints."""
-
-    data: _Tensors
-    valid: _Tensors | None
-    optimizer: torch.optim.Optimizer
-    names: list[str]  # the optimiser's parameters, in order
-    epochs_done: int = 0
-    batch: int = 0  # batches done in epoch epochs_done + 1
-    step: int = 0
-    history: list[EpochMetrics] = field(default_factory=list)
-    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
-    best_model: dict[str, torch.Tensor] | None = None
-    # The epoch in progress: its sample order, each batch's mean loss, the predictions of the
-    # batches from `predicted_from` on, and the correct count of those before.
-    order: torch.Tensor | None = None
-    batch_losses: list[torch.Tensor] = field(default_factory=list)
-    predictions: list[torch.Tensor] = field(default_factory=list)
-    predicted_from: int = 0
-    correct: int = 0
-    seconds: float = 0.0
-
-    def start_epoch(self, order: torch.Tensor | None) -> None:
-        self.order = order
-        self.batch_losses, self.predictions = [], []
-        self.predicted_from = self.correct = 0
-        self.seconds = 0.0
-
-    def finish_epoch(self, metrics: EpochMetrics) -> None:
-        self.history.append(metrics)
-        self.epochs_done, self.batch = metrics.epoch, 0
-        self.start_epoch(None)
-
-    def correct_so_far(self, batch_size: int) -> int:
-        """Fold the predictions kept so far into the correct count."""
-        if self.predictions and self.order is not None:
-            done = self.order[self.predicted_from * batch_size : self.batch * batch_size]
-            predicted = torch.cat(self.predictions)
-            self.correct += int((predicted == self.data.targets[done]).sum().item())
-            self.predictions, self.predicted_from = [], self.batch
-        return self.correct
-
-    def epoch_loss(self, batch_size: int) -> float:
-        losses = torch.stack(self.batch_losses).double()
-        sizes = torch.full_like(losses, batch_size)
-        sizes[-1] = self.data.n - batch_size * (len(self.batch_losses) - 1)
-        return (losses * sizes).sum().item() / self.data.n
-
-    def restore(self, state: TrainerState, device: torch.device) -> None:
-        position = state.position
-        self.epochs_done, self.batch = position.epochs_done, position.batch
-        self.step = position.step
-        self.history = list(state.history)
-        self.early_stopping = state.early_stopping
-        self.best_model = state.best_model
-        self.batch_losses = [loss.to(device) for loss in state.epoch.batch_losses.unbind()]
-        self.predicted_from, self.correct = position.batch, state.epoch.correct
-        self.seconds = state.epoch.seconds
-
-
-def _epoch_order(seed: int, epoch: int, n: int, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n)).to(device)
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0])
 
 
 def _classification_loss(
@@ -442,62 +374,3 @@ def _regression_loss(
     logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
     return F.mse_loss(logits.squeeze(-1), target, reduction=reduction)
-
-
-def _batched_logits(
-    model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], batch_size: int
-) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Logits batch by batch without autograd; the caller sets the model's mode."""
-    n = inputs[0].shape[0]
-    with torch.no_grad():
-        # No rows still get one (empty) batch, so predict returns [0, n_outputs].
-        for start in range(0, max(n, 1), batch_size):
-            rows = slice(start, start + batch_size)
-            yield rows, model(*[x[rows] for x in inputs])
-
-
-def _input_tensors(
-    inputs: Mapping[str, np.ndarray], names: tuple[str, ...], device: torch.device
-) -> tuple[torch.Tensor, ...]:
-    missing = [name for name in names if name not in inputs]
-    if missing or not names:
-        raise ValueError(f"the model takes inputs {list(names)}; missing {missing}")
-    arrays = [np.asarray(inputs[name]) for name in names]
-    lengths = {name: len(array) for name, array in zip(names, arrays, strict=True)}
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"inputs differ in their number of rows: {lengths}")
-    # Whole splits move to the model's device once; a batch is then an index_select there.
-    return tuple(_from_numpy(_model_dtype(array)).to(device) for array in arrays)
-
-
-def _model_dtype(array: np.ndarray) -> np.ndarray:
-    if np.issubdtype(array.dtype, np.floating):
-        return np.asarray(array, dtype=np.float32)
-    return np.asarray(array, dtype=np.int64)
-
-
-def _from_numpy(array: np.ndarray) -> torch.Tensor:
-    # Shares the array's memory without a copy. Read-only arrays (memory maps, Arrow buffers)
-    # make torch warn that writes would be undefined; the trainer never writes to its inputs.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(np.ascontiguousarray(array))
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
-def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
-    found = {name: tuple(value.shape) for name, value in weights.items()}
-    if found != expected:
-        missing = sorted(expected.keys() - found.keys())
-        unexpected = sorted(found.keys() - expected.keys())
-        reshaped = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
-        raise ValueError(
-            f"checkpoint weights do not fit this model: missing {missing}, "
-            f"unexpected {unexpected}, different shapes {reshaped}"
-        )
-    model.load_state_dict(weights)
