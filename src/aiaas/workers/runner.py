@@ -162,7 +162,7 @@ class JobRunner:
                     job_id=job_id,
                     expected=[JobStatus.RUNNING],
                     status=JobStatus.FAILED,
-                    worker=token,
+                    held_by=token,
                     error=_json(error),
                 )
                 if done:

@@ -130,7 +130,7 @@ class JobLease:
                 job_id=self.job.id,
                 expected=[JobStatus.RUNNING],
                 status=status,
-                worker=self.token,
+                held_by=self.token,
                 **values,
             )
             if done:

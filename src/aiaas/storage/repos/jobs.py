@@ -148,18 +148,20 @@ def transition(
     job_id: str,
     expected: Iterable[JobStatus],
     status: JobStatus,
-    worker: str | None = None,
+    held_by: str | None = None,
     **values: Any,
 ) -> bool:
-    """Move a job to `status` if it is in one of `expected` (and held by `worker`, when given)."""
+    """Move a job to `status` if it is in one of `expected` (and held by that worker token, when
+    given). Leaving `running` releases the claim and any pending request."""
     where = [jobs.c.id == job_id, jobs.c.status.in_([s.value for s in expected])]
-    if worker is not None:
-        where.append(jobs.c.worker == worker)
-    if status.finished:
-        values.setdefault("finished_at", now())
+    if held_by is not None:
+        where.append(jobs.c.worker == held_by)
+    if status is not JobStatus.RUNNING:
         values.setdefault("worker", None)
         values.setdefault("control", None)
         values.setdefault("estimated_finish", None)
+    if status.finished:
+        values.setdefault("finished_at", now())
     result = conn.execute(update(jobs).where(*where).values(status=status.value, **values))
     return result.rowcount == 1
 
@@ -244,12 +246,7 @@ def requeue(conn: Connection, *, job_id: str, worker: str) -> bool:
         JobControl.PAUSE.value: JobStatus.PAUSED,
     }.get(control or "", JobStatus.QUEUED)
     return transition(
-        conn,
-        job_id=job_id,
-        expected=[JobStatus.RUNNING],
-        status=target,
-        worker=worker,
-        **({} if target.finished else {"worker": None, "control": None, "estimated_finish": None}),
+        conn, job_id=job_id, expected=[JobStatus.RUNNING], status=target, held_by=worker
     )
 
 
