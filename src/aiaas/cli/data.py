@@ -8,6 +8,7 @@ from typing import Annotated, Any, BinaryIO
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -18,6 +19,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from aiaas.cli.remote import ApiKey, AsJson, BaseUrl, checked, client
 
@@ -81,7 +83,9 @@ def files_upload(
     if as_json:
         typer.echo(json.dumps(body))
         return
-    Console().print(f"{body['id']}  {body['filename']}  {body['bytes']} bytes  ({body['purpose']})")
+    Console().print(
+        Text(f"{body['id']}  {body['filename']}  {body['bytes']} bytes  ({body['purpose']})")
+    )
 
 
 @files_app.command("list")
@@ -100,7 +104,7 @@ def files_list(
         return
     table = Table("id", "filename", "purpose", "bytes")
     for f in files:
-        table.add_row(f["id"], f["filename"], f["purpose"], str(f["bytes"]))
+        table.add_row(*_cells(f["id"], f["filename"], f["purpose"], str(f["bytes"])))
     Console().print(table)
 
 
@@ -147,7 +151,7 @@ def datasets_list(
         return
     table = Table("id", "name", "latest version", "description")
     for d in datasets:
-        table.add_row(d["id"], d["name"], str(d["latest_version"]), d["description"])
+        table.add_row(*_cells(d["id"], d["name"], str(d["latest_version"]), d["description"]))
     Console().print(table)
 
 
@@ -173,18 +177,28 @@ def datasets_show(
 def _show(dataset: dict[str, Any], version: dict[str, Any]) -> None:
     console = Console()
     console.print(
-        f"[bold]{dataset['name']}[/bold] ({dataset['id']}) version {version['version']}: "
+        f"[bold]{escape(dataset['name'])}[/bold] ({dataset['id']}) version {version['version']}: "
         f"{version['rows']} rows, {version['format']}, {version['content_hash']}"
     )
     console.print(
-        f"label: {version['label_column']}  task: {version['task']}  splits: {version['splits']}"
+        Text(
+            f"label: {version['label_column']}  task: {version['task']}  "
+            f"splits: {version['splits']}"
+        )
     )
     table = Table("column", "type", "missing", "unique")
     for column in version["columns"]:
-        table.add_row(column["name"], column["type"], str(column["missing"]), str(column["unique"]))
+        table.add_row(
+            *_cells(column["name"], column["type"], str(column["missing"]), str(column["unique"]))
+        )
     console.print(table)
     if version["class_balance"]:
-        console.print(f"class balance: {version['class_balance']}")
+        console.print(Text(f"class balance: {version['class_balance']}"))
     if version["pii"]:
         found = {c["column"]: c["counts"] for c in version["pii"]["columns"] if c["counts"]}
-        console.print(f"PII redacted: {found or 'none found'}")
+        console.print(Text(f"PII redacted: {found or 'none found'}"))
+
+
+def _cells(*values: str | None) -> list[Text]:
+    """Table cells as plain text: names and descriptions are user input, never rich markup."""
+    return [Text("" if v is None else str(v)) for v in values]

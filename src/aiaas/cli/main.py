@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from aiaas.cli.data import datasets_app, files_app
+from aiaas.cli.training import jobs_app, train
 from aiaas.domain import Actor
 from aiaas.errors import ApiError
 from aiaas.settings import Settings
@@ -31,6 +32,8 @@ app.add_typer(org_app, name="org")
 app.add_typer(audit_app, name="audit")
 app.add_typer(files_app, name="files")
 app.add_typer(datasets_app, name="datasets")
+app.add_typer(jobs_app, name="jobs")
+app.command()(train)
 
 _CLI_ACTOR = Actor(type="cli")
 

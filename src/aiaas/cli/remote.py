@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 
@@ -46,7 +47,9 @@ def client(base_url: str | None, api_key: str | None) -> Iterator[httpx.Client]:
         ) as http:
             yield http
     except httpx.TransportError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] cannot reach {url}: {exc}")
+        Console(stderr=True).print(
+            f"[red]error:[/red] cannot reach {escape(url)}: {escape(str(exc))}", soft_wrap=True
+        )
         raise typer.Exit(code=1) from exc
 
 
@@ -58,5 +61,8 @@ def checked(response: httpx.Response) -> Any:
         message = response.json()["error"]["message"]
     except (ValueError, KeyError, TypeError):
         message = response.text or response.reason_phrase
-    Console(stderr=True).print(f"[red]error ({response.status_code}):[/red] {message}")
+    # Messages often repeat user input: print them as text, never as rich markup, on one line.
+    Console(stderr=True).print(
+        f"[red]error ({response.status_code}):[/red] {escape(str(message))}", soft_wrap=True
+    )
     raise typer.Exit(code=1)

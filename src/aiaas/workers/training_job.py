@@ -105,7 +105,12 @@ class JobLease:
         return None
 
     def event(
-        self, message: str, *, level: str = "info", data: dict[str, Any] | None = None
+        self,
+        message: str,
+        *,
+        level: str = "info",
+        data: dict[str, Any] | None = None,
+        type: str = "message",
     ) -> None:
         with self.storage.db.write() as conn:
             if _holds(conn, self.job.id, self.token):
@@ -114,7 +119,7 @@ class JobLease:
                     job_id=self.job.id,
                     message=message,
                     level=level,
-                    type="metrics" if data is not None else "message",
+                    type=type,
                     data=data,
                 )
 
@@ -192,6 +197,10 @@ class _Control:
                     else None
                 ),
             )
+            if superseded is not None and metrics is not None:
+                repo.set_progress(
+                    conn, job_id=job.id, worker=self._lease.token, **self._lease.progress
+                )
         for old in superseded if superseded is not None else [key]:
             blobs.delete(old)
         if superseded is None:
@@ -419,6 +428,7 @@ def _register(
         f"Evaluated on {len(evaluated_on.targets)} {split_name} rows: "
         + ", ".join(f"{k} {v:.4f}" for k, v in headline.items() if v is not None),
         data={"split": split_name, **headline},
+        type="message",
     )
     onnx_bytes = export_onnx(model, data.shape)
     sample = {name: array[:64] for name, array in evaluated_on.inputs.items()}
@@ -507,6 +517,8 @@ def _register(
         fine_tuned_model=plan.model_name,
         model_version_id=version.id,
         trained_samples=len(data.train.targets) * len(result.history),
+        epoch=len(result.history),
+        step=result.steps,
     )
 
 

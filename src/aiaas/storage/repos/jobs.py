@@ -226,6 +226,13 @@ def heartbeat(
     return True, JobControl(control) if control else None
 
 
+def set_progress(conn: Connection, *, job_id: str, worker: str, **progress: Any) -> None:
+    """The epoch and step a worker reached (also sent with heartbeats, but this is exact)."""
+    conn.execute(
+        update(jobs).where(jobs.c.id == job_id, jobs.c.worker == worker).values(**progress)
+    )
+
+
 def stale(conn: Connection, *, heartbeat_before: float) -> list[Job]:
     """Running jobs whose worker stopped sending heartbeats."""
     rows = conn.execute(
