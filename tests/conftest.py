@@ -184,7 +184,13 @@ def make_server(
     def make(backend: str = "sqlite", **settings: str) -> Server:
         data_dir = tmp_path_factory.mktemp(f"aiaas-{backend}")
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIAAS_")}
-        env |= {"AIAAS_DATA_DIR": str(data_dir), "AIAAS_MODELS": "", "AIAAS_LOG_LEVEL": "info"}
+        env |= {
+            "AIAAS_DATA_DIR": str(data_dir),
+            "AIAAS_MODELS": "",
+            "AIAAS_LOG_LEVEL": "info",
+            # One torch thread per training job: steadier on a shared 2-core machine.
+            "AIAAS_TRAINING_THREADS": "1",
+        }
         if backend == "postgres":
             dbs: PostgresDatabases = request.getfixturevalue("postgres_databases")
             env["AIAAS_DATABASE_URL"] = dbs.create()

@@ -93,6 +93,8 @@ class Platform:
         datasets.sweep()
         registry = RegistryService(db, blobs, audit)
         registry.sweep()
+        jobs = JobService(db, blobs, audit)
+        jobs.sweep()
         metrics = Metrics()
         pool = ModelPool(
             EngineConfig(
@@ -120,7 +122,7 @@ class Platform:
             pool=pool,
             inference=InferenceService(pool, metrics),
             embeddings=EmbeddingService(pool, metrics),
-            jobs=JobService(db, audit),
+            jobs=jobs,
             registry=registry,
         )
 
@@ -138,6 +140,7 @@ class Platform:
             self.db,
             LocalExecutor(self.settings),
             RunnerConfig(
+                housekeeping=self.jobs.sweep,
                 slots=self.settings.training_workers,
                 heartbeat_timeout_s=self.settings.job_heartbeat_timeout_s,
                 max_attempts=self.settings.job_max_attempts,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path
+from pydantic import SerializeAsAny
 
 from aiaas.api.deps import ModelsReadDep, PlatformDep
 from aiaas.errors import ModelNotFound
@@ -26,7 +27,7 @@ def list_models(principal: ModelsReadDep, platform: PlatformDep) -> ModelList:
     return ModelList(data=[*served, *trained])
 
 
-@router.get("/{model}", response_model=Model)
+@router.get("/{model}", response_model=SerializeAsAny[Model])
 def retrieve_model(
     model: Annotated[str, Path(max_length=256)], principal: ModelsReadDep, platform: PlatformDep
 ) -> Model:

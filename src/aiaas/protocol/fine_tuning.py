@@ -232,10 +232,25 @@ class FineTuningJobCheckpoint(BaseModel):
             created_at=int(checkpoint.created_at),
             fine_tuned_model_checkpoint=f"{name}:ckpt-step-{checkpoint.step}",
             fine_tuning_job_id=job.id,
-            metrics={"step": checkpoint.step, **(checkpoint.metrics or {})},
+            metrics=_checkpoint_metrics(checkpoint),
             step_number=checkpoint.step,
             epoch=checkpoint.epoch,
         )
+
+
+def _checkpoint_metrics(checkpoint: JobCheckpoint) -> dict[str, Any]:
+    """Ours, plus OpenAI's names for the same numbers (its clients and dashboards read those)."""
+    ours = checkpoint.metrics or {}
+    return {
+        "step": checkpoint.step,
+        "train_loss": ours.get("train_loss"),
+        "train_mean_token_accuracy": ours.get("train_accuracy"),
+        "valid_loss": ours.get("valid_loss"),
+        "valid_mean_token_accuracy": ours.get("valid_accuracy"),
+        "full_valid_loss": ours.get("valid_loss"),
+        "full_valid_mean_token_accuracy": ours.get("valid_accuracy"),
+        **ours,
+    }
 
 
 __all__ = [

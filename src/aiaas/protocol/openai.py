@@ -10,7 +10,14 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    StringConstraints,
+    field_validator,
+)
 
 from aiaas.engines.llm.params import SamplingParams
 from aiaas.errors import InvalidRequest
@@ -36,7 +43,8 @@ class Model(BaseModel):
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[Model]
+    # Serialised as what each item is: a trained model says its base, task and latest version.
+    data: list[SerializeAsAny[Model]]
 
 
 # -- shared sampling fields ------------------------------------------------------------------

@@ -9,6 +9,7 @@ the worker to act, so a caller usually sees the final state in the response.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from aiaas.domain import (
 from aiaas.errors import InvalidRequest, NotFound
 from aiaas.ids import new_id
 from aiaas.services.audit import AuditService
+from aiaas.storage.blobs import EncryptedBlobStore
 from aiaas.storage.db import Database
 from aiaas.storage.repos import datasets as datasets_repo
 from aiaas.storage.repos import jobs as repo
@@ -39,6 +41,8 @@ from aiaas.storage.repos import tenancy as tenancy_repo
 from aiaas.training.architectures import ArchitectureOptions
 from aiaas.training.plan import HyperparameterChoices, TrainingPlan, plan
 from aiaas.training.preprocess import PreprocessingSpec
+
+log = logging.getLogger("aiaas.jobs")
 
 TRAINING = "training"
 _SLUG = re.compile(r"[^a-z0-9]+")
@@ -64,12 +68,14 @@ class JobService:
     def __init__(
         self,
         db: Database,
+        blobs: EncryptedBlobStore,
         audit: AuditService,
         *,
         wake_runner: Callable[[], None] = lambda: None,
         settle_timeout_s: float = 10.0,
     ) -> None:
         self._db = db
+        self._blobs = blobs
         self._audit = audit
         self._wake_runner = wake_runner
         self._settle_timeout_s = settle_timeout_s
@@ -261,13 +267,18 @@ class JobService:
         verb = control.value
         with self._db.write() as conn:
             job = self._get_in(conn, org_id, job_id)
+            released: list[str] = []
             if repo.transition(conn, job_id=job_id, expected=now_from, status=now_to):
                 repo.add_event(conn, job_id=job_id, message=f"Job {now_to.value}.")
+                if now_to.finished:
+                    released = repo.drop_checkpoint_blobs(conn, job_id=job_id)
             elif repo.request_control(conn, job_id=job_id, control=control):
                 repo.add_event(conn, job_id=job_id, message=f"Asked the worker to {verb}.")
             elif job.status is not now_to:
                 raise _bad_state(job, verb, f"the job is already {job.status.value}")
             self._record(conn, actor, job, f"job.{verb}_requested")
+        for key in released:
+            self._blobs.delete(key)
         return self._settle(org_id, job_id)
 
     def _settle(self, org_id: str, job_id: str) -> Job:
@@ -295,6 +306,29 @@ class JobService:
             org_id=job.org_id,
             project_id=job.project_id,
         )
+
+    # -- housekeeping ----------------------------------------------------------------------------
+
+    def sweep(self) -> int:
+        """Delete checkpoint blobs no job can resume from: those of finished jobs, superseded
+        ones, and blobs a crash left unrecorded (a worker stores the blob, then its row).
+        Returns how many went. A running job's unrecorded blob may be its newest: it stays."""
+        with self._db.read() as conn:
+            recorded, running = repo.checkpoint_blob_owners(conn)
+        with self._db.write() as conn:
+            finished = [k for k, status in recorded.items() if JobStatus(status).finished]
+            for job_id in {k.split("/")[2] for k in finished if k.count("/") >= 3}:
+                repo.drop_checkpoint_blobs(conn, job_id=job_id)
+        doomed = set(finished)
+        for key in self._blobs.keys("jobs/"):
+            parts = key.split("/")
+            if key not in recorded and len(parts) >= 4 and parts[2] not in running:
+                doomed.add(key)
+        for key in doomed:
+            self._blobs.delete(key)
+        if doomed:
+            log.info("removed %d checkpoint blobs no job needs", len(doomed))
+        return len(doomed)
 
 
 def fine_tuned_name(base: str, org_name: str, suffix: str | None, job_id: str) -> str:

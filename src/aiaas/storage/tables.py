@@ -195,7 +195,9 @@ jobs = Table(
     Column("kind", String(32), nullable=False),
     Column("model", String(64), nullable=False),
     Column("status", String(24), nullable=False),
-    Column("dataset_version_id", String(64), ForeignKey("dataset_versions.id"), nullable=False),
+    # No foreign key: a finished job keeps naming the version it trained on after that version
+    # is deleted (an unfinished job's version cannot be deleted; see DatasetService).
+    Column("dataset_version_id", String(64), nullable=False),
     Column("task", String(32), nullable=False),
     Column("target_column", String(256), nullable=False),
     # JSON: the resolved hyperparameters, architecture options and preprocessing plan.

@@ -20,7 +20,8 @@ import secrets
 import signal
 import socket
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,6 +51,10 @@ class Executor(Protocol):
 
 @dataclass(frozen=True)
 class RunnerConfig:
+    # Called every `housekeeping_s` from the runner thread (e.g. deleting checkpoint blobs of
+    # jobs that ended without their worker: cancelled while queued, failed after a crash).
+    housekeeping: Callable[[], object] | None = None
+    housekeeping_s: float = 300.0
     slots: int = 1
     kinds: tuple[str, ...] = ("training",)
     poll_s: float = 1.0
@@ -68,6 +73,7 @@ class JobRunner:
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
         self._prefix = f"{socket.gethostname()}:{os.getpid()}"
+        self._next_housekeeping = time.monotonic() + config.housekeeping_s
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="aiaas-job-runner", daemon=True)
@@ -105,6 +111,9 @@ class JobRunner:
             self._wake.clear()
 
     def run_once(self) -> None:
+        if self._config.housekeeping and time.monotonic() >= self._next_housekeeping:
+            self._next_housekeeping = time.monotonic() + self._config.housekeeping_s
+            self._config.housekeeping()
         self._collect_exited()
         self._take_back_stale()
         while len(self._workers) < self._config.slots and not self._closing.is_set():

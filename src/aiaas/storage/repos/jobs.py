@@ -403,6 +403,20 @@ def list_checkpoints(
     return Page(items=[_checkpoint(r) for r in rows], has_more=more)
 
 
+def checkpoint_blob_owners(conn: Connection) -> tuple[dict[str, str], set[str]]:
+    """Every recorded checkpoint blob key with its job's status, and the ids of running jobs."""
+    rows = conn.execute(
+        select(job_checkpoints.c.blob_key, jobs.c.status)
+        .select_from(job_checkpoints.join(jobs, jobs.c.id == job_checkpoints.c.job_id))
+        .where(job_checkpoints.c.blob_key.is_not(None))
+    )
+    recorded = {r.blob_key: r.status for r in rows}
+    running = set(
+        conn.execute(select(jobs.c.id).where(jobs.c.status == JobStatus.RUNNING.value)).scalars()
+    )
+    return recorded, running
+
+
 def drop_checkpoint_blobs(conn: Connection, *, job_id: str) -> list[str]:
     """Forget every checkpoint blob of a finished job; the keys to delete."""
     keys = list(

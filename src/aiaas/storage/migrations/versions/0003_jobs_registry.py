@@ -70,11 +70,6 @@ def upgrade() -> None:
         sa.Column("started_at", sa.Float(), nullable=True),
         sa.Column("finished_at", sa.Float(), nullable=True),
         sa.ForeignKeyConstraint(
-            ["dataset_version_id"],
-            ["dataset_versions.id"],
-            name=op.f("fk_jobs_dataset_version_id_dataset_versions"),
-        ),
-        sa.ForeignKeyConstraint(
             ["org_id"], ["organizations.id"], name=op.f("fk_jobs_org_id_organizations")
         ),
         sa.ForeignKeyConstraint(
