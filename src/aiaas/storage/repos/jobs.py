@@ -18,7 +18,7 @@ from sqlalchemy import Connection, Row, func, insert, select, update
 from aiaas.domain import Job, JobCheckpoint, JobControl, JobEvent, JobStatus, Page
 from aiaas.ids import new_id, now
 from aiaas.storage.repos.paging import fetch_page
-from aiaas.storage.tables import job_checkpoints, job_events, jobs
+from aiaas.storage.tables import job_checkpoints, job_events, jobs, organizations
 
 ACTIVE = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
 
@@ -176,19 +176,26 @@ def request_control(conn: Connection, *, job_id: str, control: JobControl) -> bo
 
 
 def claim_next(conn: Connection, *, worker: str, kinds: Iterable[str]) -> Job | None:
-    """Take the queued job of the organisation with the fewest running jobs (oldest first within
-    it), so one tenant's long queue does not hold the others back."""
+    """Take the queued job of the organisation with the fewest running jobs per unit of its
+    weight (oldest first within it), so one tenant's long queue does not hold the others back
+    and a heavier organisation gets proportionally more workers."""
     running = (
         select(jobs.c.org_id, func.count().label("n"))
         .where(jobs.c.status == JobStatus.RUNNING.value)
         .group_by(jobs.c.org_id)
         .subquery()
     )
+    weight = func.coalesce(func.nullif(organizations.c.weight, 0), 1.0)
+    share = func.coalesce(running.c.n, 0) / weight
     candidate = conn.execute(
         select(jobs.c.id)
-        .select_from(jobs.outerjoin(running, running.c.org_id == jobs.c.org_id))
+        .select_from(
+            jobs.outerjoin(running, running.c.org_id == jobs.c.org_id).join(
+                organizations, organizations.c.id == jobs.c.org_id
+            )
+        )
         .where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.kind.in_(list(kinds)))
-        .order_by(func.coalesce(running.c.n, 0), jobs.c.seq)
+        .order_by(share, jobs.c.seq)
         .limit(1)
     ).scalar_one_or_none()
     if candidate is None:
