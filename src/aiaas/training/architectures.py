@@ -400,8 +400,13 @@ class _MiniLMEncoder(nn.Module):
 
     def __init__(self, directory: Path, dropout: float) -> None:
         super().__init__()
-        from transformers import BertModel  # heavy import, needed by this architecture only
+        # Heavy imports, needed by this architecture only.
+        from transformers import BertModel
+        from transformers.utils import logging as hf_logging
 
+        # Its loading bar and notes go to stderr as plain text, between our JSON log lines.
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
         self.bert = BertModel.from_pretrained(
             directory,
             add_pooling_layer=False,  # the CLS pooler is unused by mean pooling

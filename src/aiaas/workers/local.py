@@ -57,6 +57,10 @@ def worker_main(settings: Settings, job_id: str, token: str) -> None:
     from aiaas.observability.logs import configure_logging
     from aiaas.workers.training_job import run_training_job
 
+    # Libraries' progress bars would interleave plain text with the JSON log lines on stderr.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")
     configure_logging(settings.log_level)
     shutdown = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
