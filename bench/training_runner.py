@@ -6,10 +6,11 @@ a user gets it: `aiaas serve` on a free loopback port, the data uploaded and mad
 after every epoch and heartbeats, then evaluated, exported and registered. Its samples/s per
 epoch are the ones the job reports in its metrics events (training steps only, as below).
 
-The plain loop then trains the identical network (`build_model("mlp", ...)` from the same seed)
+The plain loops then train the identical network (`build_model("mlp", ...)` from the same seed)
 on the identical arrays (the job's own train split, encoded with the registered
 `preprocessing.json`), in this process, with the same thread count, batch size, AdamW and
-clipping: the loop anyone would write by hand. The server is idle by then. Epoch 1 of each is a
+clipping: `plain` keeps loss and accuracy with `.item()` per step, as most hand-written loops
+do; `bare` keeps no metrics. The server is idle by then. Epoch 1 of each is a
 warm-up and not counted; the ratio is median(ours) / median(plain) over the other epochs.
 
     .venv/bin/python bench/training_runner.py
@@ -62,15 +63,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"ours (runner): job took {started:.1f} s end to end (create → registered)")
     for e in ours:
         print(f"  epoch {e['epoch']}: {e['samples_per_second']:,.0f} samples/s")
-    plain_sps = _plain_loop(args, version, spec_json)
-    for i, value in enumerate(plain_sps, start=1):
-        print(f"  plain epoch {i}: {value:,.0f} samples/s")
-    ratio = statistics.median(ours_sps) / statistics.median(plain_sps[1:])
-    print(
-        f"ours: median {statistics.median(ours_sps):,.0f} samples/s, plain: median "
-        f"{statistics.median(plain_sps[1:]):,.0f} samples/s (epochs 2..{args.epochs})"
-    )
-    print(f"ours/plain: {ratio:.3f} ({'meets' if ratio >= GOAL else 'misses'} the goal >= {GOAL})")
+    print(f"ours: median {statistics.median(ours_sps):,.0f} samples/s (epochs 2..{args.epochs})")
+    for name, metrics in (("plain", True), ("bare", False)):
+        rates = _plain_loop(args, version, spec_json, metrics=metrics)
+        print(f"{name}: " + ", ".join(f"{value:,.0f}" for value in rates) + " samples/s")
+        ratio = statistics.median(ours_sps) / statistics.median(rates[1:])
+        verdict = "meets" if ratio >= GOAL else "misses"
+        print(
+            f"ours/{name}: {ratio:.3f} (median {statistics.median(rates[1:]):,.0f} samples/s; "
+            f"{verdict} the goal >= {GOAL})"
+        )
     return 0
 
 
@@ -166,7 +168,11 @@ def _wait(base: str) -> None:
     raise SystemExit("the server did not become healthy")
 
 
-def _plain_loop(args: argparse.Namespace, content: bytes, spec_json: str) -> list[float]:
+def _plain_loop(
+    args: argparse.Namespace, content: bytes, spec_json: str, *, metrics: bool
+) -> list[float]:
+    """`plain` tracks loss and accuracy with `.item()` as most hand-written loops do; `bare`
+    tracks nothing, the least a loop can do."""
     torch.set_num_threads(args.threads)
     spec = PreprocessingSpec.model_validate_json(spec_json)
     frame = pd.read_parquet(io.BytesIO(content))
@@ -194,8 +200,9 @@ def _plain_loop(args: argparse.Namespace, content: bytes, spec_json: str) -> lis
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            total += loss.item() * len(index)
-            correct += int((logits.argmax(1) == target).sum())
+            if metrics:
+                total += loss.item() * len(index)
+                correct += int((logits.argmax(1) == target).sum())
         rates.append(n / (time.perf_counter() - started))
     return rates
 
