@@ -311,3 +311,33 @@ class ModelVersion:
     dataset_version_id: str | None
     job_id: str | None
     created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ModelAlias:
+    model_id: str
+    alias: str
+    version: int
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a deployment (or its canary) serves: a fixed version, or an alias."""
+
+    version: int | None = None
+    alias: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    id: str
+    org_id: str
+    project_id: str
+    name: str  # the model id clients send
+    model_id: str
+    target: Target
+    canary: Target | None
+    canary_percent: float
+    created_at: float
+    updated_at: float

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiaas.domain import IssuedKey
+from aiaas.engines.classic.pool import ClassicPool
 from aiaas.engines.embeddings.export import minilm_l6_v2_dir
 from aiaas.engines.llm.bundled import BUNDLED_GGUF
 from aiaas.engines.llm.engine import EngineConfig
@@ -23,11 +24,13 @@ from aiaas.observability.metrics import Metrics
 from aiaas.scheduling.batcher import BatcherConfig
 from aiaas.services.audit import AuditService
 from aiaas.services.datasets import DatasetService
+from aiaas.services.deployments import DeploymentService
 from aiaas.services.embeddings import EmbeddingService
 from aiaas.services.files import FileService
 from aiaas.services.inference import InferenceService
 from aiaas.services.jobs import JobService
 from aiaas.services.keys import KeyService
+from aiaas.services.predictions import PredictionService
 from aiaas.services.registry import RegistryService
 from aiaas.services.tenancy import TenancyService
 from aiaas.settings import BUNDLED_MODELS, Settings
@@ -72,6 +75,8 @@ class Platform:
     embeddings: EmbeddingService
     jobs: JobService
     registry: RegistryService
+    deployments: DeploymentService
+    predictions: PredictionService
     runner: JobRunner | None = None
 
     @classmethod
@@ -95,6 +100,22 @@ class Platform:
         registry.sweep()
         jobs = JobService(db, blobs, audit)
         jobs.sweep()
+        deployments = DeploymentService(db, registry, audit)
+        predictions = PredictionService(
+            deployments,
+            registry,
+            ClassicPool(
+                memory_budget_bytes=settings.classic_memory_budget_mb * 1024 * 1024,
+                batch=BatcherConfig(
+                    max_batch_items=settings.classic_max_batch,
+                    max_wait_ms=settings.classic_max_wait_ms,
+                    # Rows, not requests: one /v1/predictions call may carry 10 000 records.
+                    max_queued_items=65536,
+                ),
+                threads=settings.classic_threads,
+            ),
+            threads=settings.classic_threads,
+        )
         metrics = Metrics()
         pool = ModelPool(
             EngineConfig(
@@ -124,6 +145,8 @@ class Platform:
             embeddings=EmbeddingService(pool, metrics),
             jobs=jobs,
             registry=registry,
+            deployments=deployments,
+            predictions=predictions,
         )
 
     def start_models(self) -> None:
@@ -160,6 +183,7 @@ class Platform:
     def close(self) -> None:
         if self.runner is not None:
             self.runner.close()
+        self.predictions.close()
         self.pool.close()
         self.blobs.close()
         self.db.close()

@@ -92,6 +92,16 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest total of source files one dataset version is made from (in memory).",
     )
+    classic_memory_budget_mb: int = Field(
+        default=1024, ge=1, description="Memory for loaded trained models; LRU ones are evicted."
+    )
+    classic_threads: int = Field(
+        default_factory=lambda: os.cpu_count() or 1, ge=1, description="ORT threads per model."
+    )
+    classic_max_batch: int = Field(default=64, ge=1, le=4096, description="Rows per forward pass.")
+    classic_max_wait_ms: float = Field(
+        default=2.0, ge=0, le=1000, description="Longest a row waits for others to fill a batch."
+    )
     training_workers: int = Field(
         default=1, ge=0, le=64, description="Training jobs run at once (0: this replica runs none)."
     )

@@ -134,6 +134,8 @@ FilesReadDep = Annotated[OrgContext, Depends(org_context(Scope.FILES_READ))]
 FilesWriteDep = Annotated[OrgContext, Depends(org_context(Scope.FILES_WRITE))]
 TrainingDep = Annotated[OrgContext, Depends(org_context(Scope.TRAINING))]
 ModelsReadCtxDep = Annotated[OrgContext, Depends(org_context(Scope.MODELS_READ))]
+DeployDep = Annotated[OrgContext, Depends(org_context(Scope.DEPLOY))]
+InferenceCtxDep = Annotated[OrgContext, Depends(org_context(Scope.INFERENCE))]
 
 
 After = Annotated[

@@ -20,9 +20,14 @@ def list_models(principal: ModelsReadDep, platform: PlatformDep) -> ModelList:
     served = platform.inference.models()
     trained: list[Model] = []
     if principal.org_id is not None:
-        trained = [
-            RegisteredModelPublic.from_domain(m)
-            for m in platform.registry.list_models(org_id=principal.org_id)
+        registered = platform.registry.list_models(org_id=principal.org_id)
+        trained = [RegisteredModelPublic.from_domain(m) for m in registered]
+        # A deployment under its own name is a model id clients can send, too.
+        names = {m.id for m in registered}
+        trained += [
+            Model(id=d.name, created=int(d.created_at), owned_by=d.org_id)
+            for d in platform.deployments.list(org_id=principal.org_id).items
+            if d.name not in names
         ]
     return ModelList(data=[*served, *trained])
 
@@ -37,6 +42,11 @@ def retrieve_model(
         if principal.org_id is None:
             raise
         found = platform.registry.find_model(org_id=principal.org_id, model_id=model)
-        if found is None:
+        if found is not None:
+            return RegisteredModelPublic.from_domain(found)
+        deployment = platform.deployments.find(org_id=principal.org_id, name=model)
+        if deployment is None:
             raise
-        return RegisteredModelPublic.from_domain(found)
+        return Model(
+            id=deployment.name, created=int(deployment.created_at), owned_by=deployment.org_id
+        )

@@ -15,15 +15,29 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiaas.domain import Actor, Artifact, ModelVersion, Page, RegisteredModel
+from sqlalchemy import Connection
+
+from aiaas.domain import (
+    Actor,
+    Artifact,
+    ModelAlias,
+    ModelVersion,
+    Page,
+    RegisteredModel,
+    Target,
+)
 from aiaas.errors import Conflict, NotFound
 from aiaas.ids import new_id, now
 from aiaas.services.audit import AuditService
 from aiaas.storage.blobs import EncryptedBlobStore
 from aiaas.storage.db import Database
+from aiaas.storage.repos import deployments as deployments_repo
 from aiaas.storage.repos import registry as repo
 
 log = logging.getLogger("aiaas.registry")
+
+# An alias every model has unless one is set by that name: its newest version.
+LATEST = "latest"
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +177,90 @@ class RegistryService:
         _, chunks = self.open_artifact(version, name)
         return b"".join(chunks)
 
+    # -- aliases ---------------------------------------------------------------------------------
+
+    def set_alias(
+        self, *, org_id: str, model_id: str, alias: str, version: int, actor: Actor
+    ) -> ModelAlias:
+        """Point `alias` at an existing version: every deployment serving it moves at once."""
+        with self._db.write() as conn:
+            model = self._model_in(conn, org_id, model_id)
+            if repo.get_version(conn, org_id=org_id, model_id=model_id, version=version) is None:
+                raise NotFound(f"Model '{model_id}' has no version {version}.", param="version")
+            found = repo.set_alias(
+                conn,
+                model_id=model_id,
+                org_id=org_id,
+                alias=alias,
+                version=version,
+                updated_by=actor.id,
+            )
+            self._audit.record(
+                conn,
+                actor=actor,
+                action="model.alias.set",
+                target_type="model",
+                target_id=model_id,
+                org_id=org_id,
+                project_id=model.project_id,
+                data={"alias": alias, "version": version},
+            )
+        return found
+
+    def list_aliases(self, *, org_id: str, model_id: str) -> list[ModelAlias]:
+        with self._db.read() as conn:
+            self._model_in(conn, org_id, model_id)
+            return repo.list_aliases(conn, model_id=model_id)
+
+    def delete_alias(self, *, org_id: str, model_id: str, alias: str, actor: Actor) -> None:
+        with self._db.write() as conn:
+            model = self._model_in(conn, org_id, model_id)
+            serving = deployments_repo.count_serving(conn, model_id=model_id, alias=alias)
+            if serving:
+                raise Conflict(
+                    f"{serving} deployment(s) serve alias {alias!r}: point them elsewhere first.",
+                    param="alias",
+                    code="alias_in_use",
+                )
+            if not repo.delete_alias(conn, model_id=model_id, alias=alias):
+                raise NotFound(f"Model '{model_id}' has no alias {alias!r}.", param="alias")
+            self._audit.record(
+                conn,
+                actor=actor,
+                action="model.alias.deleted",
+                target_type="model",
+                target_id=model_id,
+                org_id=org_id,
+                project_id=model.project_id,
+                data={"alias": alias},
+            )
+
+    def resolve(self, *, org_id: str, model_id: str, target: Target) -> ModelVersion:
+        """The version a target names now (an alias is read at this moment)."""
+        with self._db.read() as conn:
+            version = target.version
+            if target.alias is not None:
+                alias = repo.get_alias(conn, model_id=model_id, alias=target.alias)
+                if alias is None and target.alias == LATEST:
+                    model = self._model_in(conn, org_id, model_id)
+                    alias = ModelAlias(model_id, LATEST, model.latest_version or 0, 0.0)
+                if alias is None:
+                    raise NotFound(
+                        f"Model '{model_id}' has no alias {target.alias!r}.", param="alias"
+                    )
+                version = alias.version
+            assert version is not None
+            found = repo.get_version(conn, org_id=org_id, model_id=model_id, version=version)
+        if found is None:
+            raise NotFound(f"Model '{model_id}' has no version {version}.", param="version")
+        return found
+
+    def _model_in(self, conn: Connection, org_id: str, model_id: str) -> RegisteredModel:
+        model = repo.get_model(conn, org_id=org_id, model_id=model_id)
+        if model is None:
+            raise NotFound(f"The model '{model_id}' does not exist.", param="model")
+        return model
+
     # -- delete ----------------------------------------------------------------------------------
 
     def delete_model(self, *, org_id: str, model_id: str, actor: Actor) -> None:
@@ -170,6 +268,14 @@ class RegistryService:
             model = repo.get_model(conn, org_id=org_id, model_id=model_id)
             if model is None:
                 raise NotFound(f"The model '{model_id}' does not exist.", param="model")
+            serving = deployments_repo.count_serving(conn, model_id=model_id)
+            if serving:
+                raise Conflict(
+                    f"Model '{model_id}' has {serving} deployment(s): delete them first.",
+                    param="model",
+                    code="model_in_use",
+                )
+            repo.delete_aliases_of(conn, model_id=model_id)
             versions = repo.versions_of(conn, model_id=model_id)
             repo.mark_model(conn, model_id=model_id, state=repo.State.DELETING)
             for version_id, _ in versions:

@@ -294,3 +294,41 @@ model_versions = Table(
     UniqueConstraint("model_id", "version", name="uq_model_versions_model_id_version"),
     Index("ix_model_versions_dataset_version_id", "dataset_version_id"),
 )
+
+# A named pointer to a version of a model (`production`, `staging`, any name); moving it moves
+# every deployment that serves the alias at once.
+model_aliases = Table(
+    "model_aliases",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("model_id", String(256), ForeignKey("models.id"), nullable=False),
+    Column("org_id", String(64), ForeignKey("organizations.id"), nullable=False),
+    Column("alias", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("updated_by", String(64), nullable=True),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("model_id", "alias", name="uq_model_aliases_model_id_alias"),
+)
+
+# A model served under a name: a fixed version or an alias (resolved per request), with an
+# optional canary (another version or alias) taking a share of the requests.
+deployments = Table(
+    "deployments",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("org_id", String(64), ForeignKey("organizations.id"), nullable=False),
+    Column("project_id", String(64), ForeignKey("projects.id"), nullable=False),
+    Column("name", String(256), nullable=False),
+    Column("model_id", String(256), ForeignKey("models.id"), nullable=False),
+    Column("version", Integer, nullable=True),
+    Column("alias", String(64), nullable=True),
+    Column("canary_version", Integer, nullable=True),
+    Column("canary_alias", String(64), nullable=True),
+    Column("canary_percent", Float, nullable=False, default=0.0),
+    Column("created_by", String(64), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("org_id", "name", name="uq_deployments_org_id_name"),
+)

@@ -12,18 +12,22 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, delete, func, insert, select, update
 
-from aiaas.domain import Artifact, ModelVersion, Page, RegisteredModel
-from aiaas.ids import now
+from aiaas.domain import Artifact, ModelAlias, ModelVersion, Page, RegisteredModel
+from aiaas.ids import new_id, now
 from aiaas.storage.repos.datasets import State
 from aiaas.storage.repos.paging import fetch_page
-from aiaas.storage.tables import model_versions, models
+from aiaas.storage.tables import model_aliases, model_versions, models
 
 __all__ = [
     "State",
     "abandoned",
     "count_using_dataset_versions",
+    "delete_alias",
+    "delete_aliases_of",
+    "get_alias",
     "get_model",
     "get_version",
+    "list_aliases",
     "list_models",
     "list_versions",
     "mark_model",
@@ -32,6 +36,7 @@ __all__ = [
     "remove_model",
     "remove_version",
     "reserve_version",
+    "set_alias",
     "versions_of",
 ]
 
@@ -255,3 +260,75 @@ def abandoned(conn: Connection, *, creating_before: float) -> tuple[list[Row[Any
         select(models.c.id).where(models.c.status != State.READY.value, ~has_versions.exists())
     ).scalars()
     return versions, list(empty)
+
+
+# -- aliases -----------------------------------------------------------------------------------
+
+
+def _alias(row: Row[Any]) -> ModelAlias:
+    return ModelAlias(
+        model_id=row.model_id, alias=row.alias, version=row.version, updated_at=row.updated_at
+    )
+
+
+def set_alias(
+    conn: Connection,
+    *,
+    model_id: str,
+    org_id: str,
+    alias: str,
+    version: int,
+    updated_by: str | None,
+) -> ModelAlias:
+    """Point `alias` at `version` (made, or moved); the caller checked the version exists."""
+    moved = conn.execute(
+        update(model_aliases)
+        .where(model_aliases.c.model_id == model_id, model_aliases.c.alias == alias)
+        .values(version=version, updated_by=updated_by, updated_at=now())
+    )
+    if moved.rowcount == 0:
+        conn.execute(
+            insert(model_aliases).values(
+                id=new_id("alias"),
+                model_id=model_id,
+                org_id=org_id,
+                alias=alias,
+                version=version,
+                updated_by=updated_by,
+                updated_at=now(),
+            )
+        )
+    found = get_alias(conn, model_id=model_id, alias=alias)
+    assert found is not None
+    return found
+
+
+def get_alias(conn: Connection, *, model_id: str, alias: str) -> ModelAlias | None:
+    row = conn.execute(
+        select(model_aliases).where(
+            model_aliases.c.model_id == model_id, model_aliases.c.alias == alias
+        )
+    ).first()
+    return _alias(row) if row else None
+
+
+def list_aliases(conn: Connection, *, model_id: str) -> list[ModelAlias]:
+    rows = conn.execute(
+        select(model_aliases)
+        .where(model_aliases.c.model_id == model_id)
+        .order_by(model_aliases.c.alias)
+    )
+    return [_alias(r) for r in rows]
+
+
+def delete_alias(conn: Connection, *, model_id: str, alias: str) -> bool:
+    result = conn.execute(
+        delete(model_aliases).where(
+            model_aliases.c.model_id == model_id, model_aliases.c.alias == alias
+        )
+    )
+    return result.rowcount == 1
+
+
+def delete_aliases_of(conn: Connection, *, model_id: str) -> None:
+    conn.execute(delete(model_aliases).where(model_aliases.c.model_id == model_id))

@@ -1,0 +1,179 @@
+"""The Open Inference Protocol v2 for deployed models: health, metadata, readiness, infer.
+
+`{name}` is a deployment's name in the caller's organisation; `/versions/{v}` pins a version of
+the deployed model (without it, the deployment's target or canary answers).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path
+
+from aiaas import __version__
+from aiaas.api.deps import InferenceCtxDep, ModelsReadCtxDep, ModelsReadDep, PlatformDep
+from aiaas.errors import InvalidRequest
+from aiaas.protocol.oip import (
+    InferenceRequest,
+    InferenceResponse,
+    Live,
+    ModelMetadata,
+    ModelReady,
+    Ready,
+    ResponseOutput,
+    ServerMetadata,
+    TensorMetadata,
+)
+from aiaas.services.predictions import PredictionService
+
+router = APIRouter(prefix="/v2", tags=["open-inference-protocol"])
+
+ModelName = Annotated[str, Path(min_length=1, max_length=256, description="A deployment name.")]
+VersionPath = Annotated[str, Path(pattern=r"^[0-9]{1,9}$", description="A version number.")]
+
+
+def get_predictions(platform: PlatformDep) -> PredictionService:
+    return platform.predictions
+
+
+PredictionsDep = Annotated[PredictionService, Depends(get_predictions)]
+
+
+@router.get("", response_model=ServerMetadata)
+def server_metadata(_principal: ModelsReadDep) -> ServerMetadata:
+    return ServerMetadata(name="aiaas", version=__version__, extensions=[])
+
+
+@router.get("/health/live", response_model=Live)
+def live(_principal: ModelsReadDep) -> Live:
+    return Live(live=True)
+
+
+@router.get("/health/ready", response_model=Ready)
+def ready(_principal: ModelsReadDep, platform: PlatformDep) -> Ready:
+    return Ready(ready=platform.readiness.ready)
+
+
+async def _metadata(
+    predictions: PredictionService, org_id: str, name: str, version: int | None
+) -> ModelMetadata:
+    served = await predictions.serve(org_id=org_id, name=name, version=version)
+    model = served.loaded.model
+    versions = await predictions.versions(org_id=org_id, deployment=served.routed.deployment)
+    return ModelMetadata(
+        name=name,
+        versions=[str(v) for v in versions],
+        platform="onnxruntime_onnx",
+        inputs=[
+            TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.inputs
+        ],
+        outputs=[
+            TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.outputs
+        ],
+        parameters={
+            "task": model.task.value,
+            "classes": model.classes,
+            "model": served.routed.deployment.model_id,
+            "version": served.routed.version.version,
+        },
+    )
+
+
+@router.get("/models/{name}", response_model=ModelMetadata)
+async def model_metadata(
+    name: ModelName, ctx: ModelsReadCtxDep, predictions: PredictionsDep
+) -> ModelMetadata:
+    return await _metadata(predictions, ctx.org_id, name, None)
+
+
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata)
+async def model_version_metadata(
+    name: ModelName, version: VersionPath, ctx: ModelsReadCtxDep, predictions: PredictionsDep
+) -> ModelMetadata:
+    return await _metadata(predictions, ctx.org_id, name, int(version))
+
+
+async def _ready(
+    predictions: PredictionService, org_id: str, name: str, version: int | None
+) -> ModelReady:
+    routed = await predictions.route(org_id=org_id, name=name, version=version)
+    is_ready = predictions.ready(routed.version)
+    if not is_ready:
+        predictions.warm(routed.version)
+    return ModelReady(name=name, ready=is_ready)
+
+
+@router.get("/models/{name}/ready", response_model=ModelReady)
+async def model_ready(
+    name: ModelName, ctx: ModelsReadCtxDep, predictions: PredictionsDep
+) -> ModelReady:
+    """Whether the model is loaded; asking starts loading it."""
+    return await _ready(predictions, ctx.org_id, name, None)
+
+
+@router.get("/models/{name}/versions/{version}/ready", response_model=ModelReady)
+async def model_version_ready(
+    name: ModelName, version: VersionPath, ctx: ModelsReadCtxDep, predictions: PredictionsDep
+) -> ModelReady:
+    return await _ready(predictions, ctx.org_id, name, int(version))
+
+
+async def _infer(
+    predictions: PredictionService,
+    org_id: str,
+    name: str,
+    version: int | None,
+    body: InferenceRequest,
+) -> InferenceResponse:
+    served = await predictions.serve(org_id=org_id, name=name, version=version)
+    model = served.loaded.model
+    types = {t.name: t.datatype for t in model.inputs}
+    inputs = {}
+    for tensor in body.inputs:
+        if tensor.name not in types:
+            raise InvalidRequest(
+                f"unknown input {tensor.name!r}; the model takes {sorted(types)}",
+                param=tensor.name,
+            )
+        if tensor.name in inputs:
+            raise InvalidRequest(f"input {tensor.name!r} is given twice", param=tensor.name)
+        inputs[tensor.name] = tensor.array(types[tensor.name])
+    known = {t.name for t in model.outputs}
+    for wanted in body.outputs or []:
+        if wanted.name not in known:
+            raise InvalidRequest(
+                f"unknown output {wanted.name!r}; the model gives {sorted(known)}",
+                param="outputs",
+            )
+    logits = await served.loaded.infer(inputs, tenant=org_id, weight=1.0)
+    return InferenceResponse(
+        model_name=name,
+        model_version=str(served.routed.version.version),
+        id=body.id,
+        outputs=[
+            ResponseOutput(
+                name="logits",
+                shape=list(logits.shape),
+                datatype="FP32",
+                data=logits.reshape(-1).tolist(),
+            )
+        ],
+    )
+
+
+@router.post("/models/{name}/infer", response_model=InferenceResponse)
+async def infer(
+    name: ModelName, body: InferenceRequest, ctx: InferenceCtxDep, predictions: PredictionsDep
+) -> InferenceResponse:
+    return await _infer(predictions, ctx.org_id, name, None, body)
+
+
+@router.post("/models/{name}/versions/{version}/infer", response_model=InferenceResponse)
+async def infer_version(
+    name: ModelName,
+    version: VersionPath,
+    body: InferenceRequest,
+    ctx: InferenceCtxDep,
+    predictions: PredictionsDep,
+) -> InferenceResponse:
+    return await _infer(predictions, ctx.org_id, name, int(version), body)

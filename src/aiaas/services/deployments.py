@@ -1,0 +1,182 @@
+"""Deployments: a registered model served under a name, with an optional canary.
+
+A deployment's target is a version or an alias; an alias is resolved on every request, so
+moving `production` to a new version moves the traffic at once, with no redeploy. A canary takes
+`canary_percent` of the requests (drawn per request). A name is unique within an organisation
+and is what clients send as `model`; another organisation's deployment is a 404 like anything
+else of theirs.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from sqlalchemy import Connection
+
+from aiaas.domain import Actor, Deployment, ModelVersion, Page, Target
+from aiaas.errors import InvalidRequest, NotFound
+from aiaas.ids import new_id
+from aiaas.services.audit import AuditService
+from aiaas.services.registry import RegistryService
+from aiaas.storage.db import Database
+from aiaas.storage.repos import deployments as repo
+from aiaas.storage.repos import registry as registry_repo
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentSpec:
+    model_id: str
+    target: Target
+    canary: Target | None = None
+    canary_percent: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """Which version answers one request, and whether it was the canary."""
+
+    deployment: Deployment
+    version: ModelVersion
+    canary: bool
+
+
+class DeploymentService:
+    def __init__(
+        self,
+        db: Database,
+        registry: RegistryService,
+        audit: AuditService,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._db = db
+        self._registry = registry
+        self._audit = audit
+        self._rng = rng or random.Random()  # noqa: S311 - traffic split, not a secret
+
+    def create(
+        self, *, org_id: str, project_id: str, actor: Actor, name: str | None, spec: DeploymentSpec
+    ) -> Deployment:
+        self._check(org_id, spec)
+        deployment_id = new_id("dep")
+        with self._db.write() as conn:
+            deployment = repo.create(
+                conn,
+                deployment_id=deployment_id,
+                org_id=org_id,
+                project_id=project_id,
+                name=name or spec.model_id,
+                model_id=spec.model_id,
+                target=spec.target,
+                canary=spec.canary,
+                canary_percent=spec.canary_percent,
+                created_by=actor.id,
+            )
+            self._record(conn, actor, deployment, "deployment.created")
+        return deployment
+
+    def update(
+        self, *, org_id: str, deployment_id: str, actor: Actor, spec: DeploymentSpec
+    ) -> Deployment:
+        current = self.get(org_id=org_id, deployment_id=deployment_id)
+        if spec.model_id != current.model_id:
+            raise InvalidRequest(
+                f"Deployment {current.name!r} serves '{current.model_id}'; make a new "
+                "deployment to serve another model.",
+                param="model",
+            )
+        self._check(org_id, spec)
+        with self._db.write() as conn:
+            repo.update_targets(
+                conn,
+                deployment_id=deployment_id,
+                target=spec.target,
+                canary=spec.canary,
+                canary_percent=spec.canary_percent,
+            )
+            updated = repo.get(conn, org_id=org_id, deployment_id=deployment_id)
+            assert updated is not None
+            self._record(conn, actor, updated, "deployment.updated")
+        return updated
+
+    def _check(self, org_id: str, spec: DeploymentSpec) -> None:
+        """Every target must name something that exists now (a later alias move is fine)."""
+        self._registry.resolve(org_id=org_id, model_id=spec.model_id, target=spec.target)
+        if spec.canary is not None:
+            self._registry.resolve(org_id=org_id, model_id=spec.model_id, target=spec.canary)
+        elif spec.canary_percent:
+            raise InvalidRequest("canary_percent needs a canary target.", param="canary")
+
+    def get(self, *, org_id: str, deployment_id: str) -> Deployment:
+        with self._db.read() as conn:
+            found = repo.get(conn, org_id=org_id, deployment_id=deployment_id)
+        if found is None:
+            raise NotFound(f"No deployment with id {deployment_id!r}.", param="deployment_id")
+        return found
+
+    def list(self, *, org_id: str, after: str | None = None, limit: int = 1000) -> Page[Deployment]:
+        with self._db.read() as conn:
+            return repo.list_deployments(conn, org_id=org_id, after=after, limit=limit)
+
+    def delete(self, *, org_id: str, deployment_id: str, actor: Actor) -> Deployment:
+        with self._db.write() as conn:
+            found = repo.get(conn, org_id=org_id, deployment_id=deployment_id)
+            if found is None:
+                raise NotFound(f"No deployment with id {deployment_id!r}.", param="deployment_id")
+            repo.remove(conn, deployment_id=deployment_id)
+            self._record(conn, actor, found, "deployment.deleted")
+        return found
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    def find(self, *, org_id: str, name: str) -> Deployment | None:
+        with self._db.read() as conn:
+            return repo.by_name(conn, org_id=org_id, name=name)
+
+    def route(self, *, org_id: str, name: str, version: int | None = None) -> Routed:
+        """The version that answers a request to `name` (a deployment name); with `version`,
+        that version of the deployed model (Open Inference Protocol's `/versions/{v}`)."""
+        deployment = self.find(org_id=org_id, name=name)
+        if deployment is None:
+            raise NotFound(
+                f"No deployed model named '{name}'. Deploy one with POST /v1/deployments.",
+                param="model",
+                code="model_not_found",
+            )
+        if version is not None:
+            pinned = self._registry.resolve(
+                org_id=org_id, model_id=deployment.model_id, target=Target(version=version)
+            )
+            return Routed(deployment, pinned, canary=False)
+        use_canary = (
+            deployment.canary is not None and self._rng.random() * 100.0 < deployment.canary_percent
+        )
+        target = deployment.canary if use_canary and deployment.canary else deployment.target
+        chosen = self._registry.resolve(org_id=org_id, model_id=deployment.model_id, target=target)
+        return Routed(deployment, chosen, canary=use_canary)
+
+    def versions(self, *, org_id: str, deployment: Deployment) -> list[int]:
+        with self._db.read() as conn:
+            page = registry_repo.list_versions(
+                conn, org_id=org_id, model_id=deployment.model_id, after=None, limit=1000
+            )
+        return [v.version for v in page.items]
+
+    def _record(self, conn: Connection, actor: Actor, deployment: Deployment, action: str) -> None:
+        self._audit.record(
+            conn,
+            actor=actor,
+            action=action,
+            target_type="deployment",
+            target_id=deployment.id,
+            org_id=deployment.org_id,
+            project_id=deployment.project_id,
+            data={
+                "name": deployment.name,
+                "model": deployment.model_id,
+                "version": deployment.target.version,
+                "alias": deployment.target.alias,
+                "canary_percent": deployment.canary_percent,
+            },
+        )

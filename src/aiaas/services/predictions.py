@@ -1,0 +1,163 @@
+"""Predictions from deployed models: routing, loading on first use, batching, interpreting.
+
+A request names a deployment; the deployment service picks the version that answers (its target,
+or its canary); the classic pool gives that version's ONNX model, loading it on first use and
+evicting the least recently used under the memory budget; the model's batcher merges concurrent
+requests. Blocking work (database reads, artifact decryption, ONNX loading) runs in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from aiaas.domain import Deployment, ModelVersion
+from aiaas.engines.classic.model import ClassicModel, Prediction
+from aiaas.engines.classic.pool import ClassicPool, LoadedClassic
+from aiaas.errors import InvalidRequest
+from aiaas.services.deployments import DeploymentService, Routed
+from aiaas.services.registry import RegistryService
+from aiaas.training.preprocess import ImageStep, PreprocessingSpec, TextStep
+
+log = logging.getLogger("aiaas.predictions")
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    routed: Routed
+    loaded: LoadedClassic
+
+
+class PredictionService:
+    def __init__(
+        self,
+        deployments: DeploymentService,
+        registry: RegistryService,
+        pool: ClassicPool,
+        *,
+        threads: int,
+    ) -> None:
+        self._deployments = deployments
+        self._registry = registry
+        self._pool = pool
+        self._threads = threads
+        self._warming: dict[str, asyncio.Task[LoadedClassic]] = {}
+
+    async def serve(self, *, org_id: str, name: str, version: int | None = None) -> Served:
+        """The model that answers a request to deployment `name`, loaded."""
+        routed = await self.route(org_id=org_id, name=name, version=version)
+        chosen = routed.version
+        loaded = await self._pool.get(chosen.id, lambda: self._load(chosen))
+        return Served(routed, loaded)
+
+    async def infer(
+        self,
+        *,
+        org_id: str,
+        name: str,
+        version: int | None,
+        inputs: dict[str, np.ndarray],
+        weight: float = 1.0,
+    ) -> tuple[Served, np.ndarray]:
+        served = await self.serve(org_id=org_id, name=name, version=version)
+        logits = await served.loaded.infer(inputs, tenant=org_id, weight=weight)
+        return served, logits
+
+    async def predict(
+        self,
+        *,
+        org_id: str,
+        name: str,
+        records: list[dict[str, object]] | None,
+        texts: list[str] | None,
+        images: list[str] | None,
+        weight: float = 1.0,
+    ) -> tuple[Served, list[Prediction]]:
+        served = await self.serve(org_id=org_id, name=name)
+        model = served.loaded.model
+        rows = records if records is not None else _records_from(model, texts, images)
+        inputs = await served.loaded.encode_records(rows)
+        logits = await served.loaded.infer(inputs, tenant=org_id, weight=weight)
+        return served, model.interpret(logits)
+
+    async def route(self, *, org_id: str, name: str, version: int | None = None) -> Routed:
+        return await asyncio.to_thread(
+            self._deployments.route, org_id=org_id, name=name, version=version
+        )
+
+    async def versions(self, *, org_id: str, deployment: Deployment) -> list[int]:
+        return await asyncio.to_thread(
+            self._deployments.versions, org_id=org_id, deployment=deployment
+        )
+
+    def ready(self, version: ModelVersion) -> bool:
+        return self._pool.loaded(version.id)
+
+    def warm(self, version: ModelVersion) -> None:
+        """Start loading a version in the background (readiness probes ask for this)."""
+        if self._pool.loaded(version.id) or version.id in self._warming:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._pool.get(version.id, lambda: self._load(version))
+        )
+        self._warming[version.id] = task
+        task.add_done_callback(self._warmed)
+
+    def _warmed(self, task: asyncio.Task[LoadedClassic]) -> None:
+        for key, known in list(self._warming.items()):
+            if known is task:
+                del self._warming[key]
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("loading a model for a readiness probe failed: %s", task.exception())
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def _load(self, version: ModelVersion) -> ClassicModel:
+        description = json.loads(self._registry.read_artifact(version, "model.json"))
+        spec = PreprocessingSpec.model_validate_json(
+            self._registry.read_artifact(version, "preprocessing.json")
+        )
+        return ClassicModel.load(
+            onnx=self._registry.read_artifact(version, "model.onnx"),
+            description=description,
+            preprocessing=spec,
+            threads=self._threads,
+        )
+
+
+def _records_from(
+    model: ClassicModel, texts: list[str] | None, images: list[str] | None
+) -> list[dict[str, object]]:
+    """Texts or images as records of the model's one text or image column."""
+    spec = model.preprocessing
+    if texts is not None:
+        column = _only_column(spec, TextStep, "texts")
+        return [{column: text} for text in texts]
+    assert images is not None
+    column = _only_column(spec, ImageStep, "images")
+    decoded = []
+    for index, text in enumerate(images):
+        try:
+            decoded.append({column: base64.b64decode(text, validate=True)})
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidRequest(f"images[{index}] is not base64", param="images") from exc
+    return decoded
+
+
+def _only_column(spec: PreprocessingSpec, kind: type, what: str) -> str:
+    columns = [step.column for step in spec.features if isinstance(step, kind)]
+    others = [step.column for step in spec.features if not isinstance(step, kind)]
+    if len(columns) != 1 or others:
+        raise InvalidRequest(
+            f"This model takes the columns {[s.column for s in spec.features]}: send records "
+            f"instead of {what}.",
+            param=what,
+        )
+    return columns[0]
