@@ -15,8 +15,8 @@ from aiaas.data.types import Task
 from aiaas.domain import Job, JobCheckpoint, JobEvent
 from aiaas.protocol.platform import IdStr, Request
 from aiaas.services.jobs import JobRequest
-from aiaas.training.architectures import ARCHITECTURES, ArchitectureOptions
 from aiaas.training.plan import HyperparameterChoices
+from aiaas.training.shapes import ARCHITECTURES, ArchitectureOptions
 
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]

@@ -38,9 +38,9 @@ from aiaas.storage.repos import datasets as datasets_repo
 from aiaas.storage.repos import jobs as repo
 from aiaas.storage.repos import registry as registry_repo
 from aiaas.storage.repos import tenancy as tenancy_repo
-from aiaas.training.architectures import ArchitectureOptions
 from aiaas.training.plan import HyperparameterChoices, TrainingPlan, plan
 from aiaas.training.preprocess import PreprocessingSpec
+from aiaas.training.shapes import ArchitectureOptions
 
 log = logging.getLogger("aiaas.jobs")
 

@@ -15,12 +15,6 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from aiaas.data.types import ColumnType, Task
 from aiaas.errors import InvalidRequest
-from aiaas.training.architectures import (
-    ARCHITECTURES,
-    ArchitectureOptions,
-    InputShape,
-    check_compatible,
-)
 from aiaas.training.preprocess import (
     CategoricalStep,
     FeatureStep,
@@ -30,6 +24,12 @@ from aiaas.training.preprocess import (
     PreprocessingSpec,
     TextStep,
     propose_spec,
+)
+from aiaas.training.shapes import (
+    ARCHITECTURES,
+    ArchitectureOptions,
+    InputShape,
+    check_compatible,
 )
 
 __all__ = [

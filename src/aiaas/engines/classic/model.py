@@ -30,7 +30,6 @@ from tokenizers import Tokenizer
 from aiaas.data.types import Task
 from aiaas.engines.embeddings.export import minilm_l6_v2_dir
 from aiaas.errors import InvalidRequest
-from aiaas.training.architectures import INPUT_NAMES, InputShape, input_shape, model_inputs
 from aiaas.training.plan import TOKENIZER_REF
 from aiaas.training.preprocess import (
     PreprocessingSpec,
@@ -39,6 +38,7 @@ from aiaas.training.preprocess import (
     transform,
     unscale_targets,
 )
+from aiaas.training.shapes import INPUT_NAMES, InputShape, input_shape, model_inputs
 
 __all__ = ["MAX_RECORDS", "ClassicModel", "Prediction", "TensorSpec"]
 
