@@ -100,6 +100,7 @@ class Platform:
         registry.sweep()
         jobs = JobService(db, blobs, audit)
         jobs.sweep()
+        metrics = Metrics()
         deployments = DeploymentService(db, registry, audit)
         predictions = PredictionService(
             deployments,
@@ -114,9 +115,10 @@ class Platform:
                 ),
                 threads=settings.classic_threads,
             ),
+            metrics,
             threads=settings.classic_threads,
         )
-        metrics = Metrics()
+        metrics.watch_classic_pool(predictions.pool_stats)
         pool = ModelPool(
             EngineConfig(
                 n_slots=settings.llm_slots,

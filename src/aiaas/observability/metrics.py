@@ -54,6 +54,17 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.predictions = Counter(
+            "aiaas_predictions",
+            "Rows predicted by deployed models, by deployment name, version and organisation.",
+            ["model", "version", "org", "route"],
+            registry=self.registry,
+        )
+
+    def watch_classic_pool(self, source: Callable[[], tuple[int, int, int]]) -> None:
+        """Export the trained-model pool: (models loaded, bytes they hold, evictions so far)."""
+        self.registry.register(_PoolCollector(source))
+
     def watch_engines(self, source: Callable[[], Iterable[tuple[str, EngineStats]]]) -> None:
         """Export engine state (slots, queue, KV) read at scrape time, never cached."""
         self.registry.register(_EngineCollector(source))
@@ -95,3 +106,24 @@ class _EngineCollector(Collector):
             steps.add_metric([model], stats.steps)
             generated.add_metric([model], stats.generated_tokens)
         yield from (slots, busy, waiting, cells, steps, generated)
+
+
+class _PoolCollector(Collector):
+    def __init__(self, source: Callable[[], tuple[int, int, int]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        loaded, memory, evictions = self._source()
+        yield GaugeMetricFamily(
+            "aiaas_classic_models_loaded", "Trained models loaded for serving.", value=loaded
+        )
+        yield GaugeMetricFamily(
+            "aiaas_classic_memory_bytes",
+            "Estimated memory the loaded trained models hold.",
+            value=memory,
+        )
+        yield CounterMetricFamily(
+            "aiaas_classic_evictions",
+            "Trained models unloaded to stay under the memory budget.",
+            value=evictions,
+        )

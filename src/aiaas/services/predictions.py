@@ -21,6 +21,7 @@ from aiaas.domain import Deployment, ModelVersion
 from aiaas.engines.classic.model import ClassicModel, Prediction
 from aiaas.engines.classic.pool import ClassicPool, LoadedClassic
 from aiaas.errors import InvalidRequest
+from aiaas.observability.metrics import Metrics
 from aiaas.services.deployments import DeploymentService, Routed
 from aiaas.services.registry import RegistryService
 from aiaas.training.preprocess import ImageStep, PreprocessingSpec, TextStep
@@ -40,12 +41,14 @@ class PredictionService:
         deployments: DeploymentService,
         registry: RegistryService,
         pool: ClassicPool,
+        metrics: Metrics,
         *,
         threads: int,
     ) -> None:
         self._deployments = deployments
         self._registry = registry
         self._pool = pool
+        self._metrics = metrics
         self._threads = threads
         self._warming: dict[str, asyncio.Task[LoadedClassic]] = {}
 
@@ -67,6 +70,7 @@ class PredictionService:
     ) -> tuple[Served, np.ndarray]:
         served = await self.serve(org_id=org_id, name=name, version=version)
         logits = await served.loaded.infer(inputs, tenant=org_id, weight=weight)
+        self._count(served, org_id, "oip", len(logits))
         return served, logits
 
     async def predict(
@@ -84,7 +88,20 @@ class PredictionService:
         rows = records if records is not None else _records_from(model, texts, images)
         inputs = await served.loaded.encode_records(rows)
         logits = await served.loaded.infer(inputs, tenant=org_id, weight=weight)
+        self._count(served, org_id, "predictions", len(logits))
         return served, model.interpret(logits)
+
+    def _count(self, served: Served, org_id: str, route: str, rows: int) -> None:
+        self._metrics.predictions.labels(
+            model=served.routed.deployment.name,
+            version=str(served.routed.version.version),
+            org=org_id,
+            route=route,
+        ).inc(rows)
+
+    def pool_stats(self) -> tuple[int, int, int]:
+        entries = [e for e in self._pool.entries() if e.state == "ready"]
+        return len(entries), sum(e.memory_bytes for e in entries), self._pool.evictions()
 
     async def route(self, *, org_id: str, name: str, version: int | None = None) -> Routed:
         return await asyncio.to_thread(
