@@ -57,7 +57,7 @@ def ready(_principal: ModelsReadDep, platform: PlatformDep) -> Ready:
 async def _metadata(
     predictions: PredictionService, org_id: str, name: str, version: int | None
 ) -> ModelMetadata:
-    served = await predictions.serve(org_id=org_id, name=name, version=version)
+    served = await predictions.serve(org_id=org_id, name=name, version=version, split=False)
     model = served.loaded.model
     versions = await predictions.versions(org_id=org_id, deployment=served.routed.deployment)
     return ModelMetadata(
@@ -96,18 +96,15 @@ async def model_version_metadata(
 async def _ready(
     predictions: PredictionService, org_id: str, name: str, version: int | None
 ) -> ModelReady:
-    routed = await predictions.route(org_id=org_id, name=name, version=version)
-    is_ready = predictions.ready(routed.version)
-    if not is_ready:
-        predictions.warm(routed.version)
-    return ModelReady(name=name, ready=is_ready)
+    ready = await predictions.ready_all(org_id=org_id, name=name, version=version)
+    return ModelReady(name=name, ready=ready)
 
 
 @router.get("/models/{name}/ready", response_model=ModelReady)
 async def model_ready(
     name: ModelName, ctx: ModelsReadCtxDep, predictions: PredictionsDep
 ) -> ModelReady:
-    """Whether the model is loaded; asking starts loading it."""
+    """Whether the model (its target and any canary) is loaded; asking starts loading it."""
     return await _ready(predictions, ctx.org_id, name, None)
 
 

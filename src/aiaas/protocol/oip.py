@@ -52,15 +52,16 @@ class RequestInput(Request):
                 f"input {self.name!r} has {count} elements; at most {MAX_ELEMENTS}",
                 param=self.name,
             )
+        # JSON numbers only: numpy would also parse "0.5" and true, which a typed tensor is not.
+        kinds = (int,) if expected == "INT64" else (int, float)
         try:
-            flat = np.asarray(self.data, dtype=np.float64 if expected == "FP32" else object)
-            flat = flat.reshape(-1)
+            values = np.asarray(self.data, dtype=object).reshape(-1).tolist()
+            if any(isinstance(v, bool) or not isinstance(v, kinds) for v in values):
+                raise ValueError(f"{expected} data must be JSON numbers")
             if expected == "INT64":
-                if any(isinstance(v, bool) or not isinstance(v, int) for v in flat.tolist()):
-                    raise ValueError("INT64 data must be integers")
-                array = np.asarray(flat.tolist(), dtype=np.int64)
+                array = np.asarray(values, dtype=np.int64)
             else:
-                array = flat.astype(np.float32)
+                array = np.asarray(values, dtype=np.float64).astype(np.float32)
         except (ValueError, TypeError, OverflowError) as exc:
             raise InvalidRequest(
                 f"input {self.name!r}: data is not {expected} ({exc})", param=self.name

@@ -134,9 +134,12 @@ class DeploymentService:
         with self._db.read() as conn:
             return repo.by_name(conn, org_id=org_id, name=name)
 
-    def route(self, *, org_id: str, name: str, version: int | None = None) -> Routed:
+    def route(
+        self, *, org_id: str, name: str, version: int | None = None, split: bool = True
+    ) -> Routed:
         """The version that answers a request to `name` (a deployment name); with `version`,
-        that version of the deployed model (Open Inference Protocol's `/versions/{v}`)."""
+        that version of the deployed model (Open Inference Protocol's `/versions/{v}`). Without
+        `split` the canary never answers: metadata describes the deployment's own target."""
         deployment = self.find(org_id=org_id, name=name)
         if deployment is None:
             raise NotFound(
@@ -150,11 +153,26 @@ class DeploymentService:
             )
             return Routed(deployment, pinned, canary=False)
         use_canary = (
-            deployment.canary is not None and self._rng.random() * 100.0 < deployment.canary_percent
+            split
+            and deployment.canary is not None
+            and self._rng.random() * 100.0 < deployment.canary_percent
         )
         target = deployment.canary if use_canary and deployment.canary else deployment.target
         chosen = self._registry.resolve(org_id=org_id, model_id=deployment.model_id, target=target)
         return Routed(deployment, chosen, canary=use_canary)
+
+    def serving(self, *, org_id: str, name: str, version: int | None = None) -> list[ModelVersion]:
+        """Every version that may answer requests to `name`: its target and its canary."""
+        routed = self.route(org_id=org_id, name=name, version=version, split=False)
+        versions = [routed.version]
+        canary = routed.deployment.canary
+        if version is None and canary is not None:
+            versions.append(
+                self._registry.resolve(
+                    org_id=org_id, model_id=routed.deployment.model_id, target=canary
+                )
+            )
+        return versions
 
     def versions(self, *, org_id: str, deployment: Deployment) -> list[int]:
         with self._db.read() as conn:

@@ -52,9 +52,12 @@ class PredictionService:
         self._threads = threads
         self._warming: dict[str, asyncio.Task[LoadedClassic]] = {}
 
-    async def serve(self, *, org_id: str, name: str, version: int | None = None) -> Served:
-        """The model that answers a request to deployment `name`, loaded."""
-        routed = await self.route(org_id=org_id, name=name, version=version)
+    async def serve(
+        self, *, org_id: str, name: str, version: int | None = None, split: bool = True
+    ) -> Served:
+        """The model that answers a request to deployment `name`, loaded (without `split`, the
+        deployment's own target, never its canary)."""
+        routed = await self.route(org_id=org_id, name=name, version=version, split=split)
         chosen = routed.version
         loaded = await self._pool.get(chosen.id, lambda: self._load(chosen))
         return Served(routed, loaded)
@@ -103,10 +106,23 @@ class PredictionService:
         entries = [e for e in self._pool.entries() if e.state == "ready"]
         return len(entries), sum(e.memory_bytes for e in entries), self._pool.evictions()
 
-    async def route(self, *, org_id: str, name: str, version: int | None = None) -> Routed:
+    async def route(
+        self, *, org_id: str, name: str, version: int | None = None, split: bool = True
+    ) -> Routed:
         return await asyncio.to_thread(
-            self._deployments.route, org_id=org_id, name=name, version=version
+            self._deployments.route, org_id=org_id, name=name, version=version, split=split
         )
+
+    async def ready_all(self, *, org_id: str, name: str, version: int | None) -> bool:
+        """Whether every version that may answer (target and canary) is loaded; asking starts
+        loading the ones that are not."""
+        versions = await asyncio.to_thread(
+            self._deployments.serving, org_id=org_id, name=name, version=version
+        )
+        missing = [v for v in versions if not self.ready(v)]
+        for found in missing:
+            self.warm(found)
+        return not missing
 
     async def versions(self, *, org_id: str, deployment: Deployment) -> list[int]:
         return await asyncio.to_thread(
