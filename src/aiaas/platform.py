@@ -22,6 +22,7 @@ from aiaas.engines.pool import EmbedderSpec, LlmSpec, ModelPool
 from aiaas.errors import ConfigurationError
 from aiaas.observability.metrics import Metrics
 from aiaas.scheduling.batcher import BatcherConfig
+from aiaas.scheduling.fair import WeightedFairPolicy
 from aiaas.services.audit import AuditService
 from aiaas.services.datasets import DatasetService
 from aiaas.services.deployments import DeploymentService
@@ -114,6 +115,7 @@ class Platform:
                     max_queued_items=65536,
                 ),
                 threads=settings.classic_threads,
+                policy=WeightedFairPolicy,
             ),
             metrics,
             threads=settings.classic_threads,

@@ -23,6 +23,7 @@ from aiaas.engines.llm.engine import EngineConfig, LlmEngine
 from aiaas.engines.llm.model import LlamaModel
 from aiaas.errors import ConfigurationError, InvalidRequest, ModelNotFound, ServiceUnavailable
 from aiaas.scheduling.batcher import BatcherConfig, DynamicBatcher
+from aiaas.scheduling.fair import WeightedFairPolicy
 
 log = logging.getLogger("aiaas.engines.pool")
 
@@ -110,7 +111,7 @@ class ModelPool:
     def load_llm(self, spec: LlmSpec) -> LoadedLlm:
         started = time.perf_counter()
         model = LlamaModel(spec.locate())
-        engine = LlmEngine(model, self.config, name=spec.id)
+        engine = LlmEngine(model, self.config, name=spec.id, policy=WeightedFairPolicy())
         try:
             engine.start()
         except BaseException:
@@ -139,7 +140,11 @@ class ModelPool:
         exported = export_sentence_encoder(spec.locate(), spec.cache_dir, name=spec.id)
         encoder = SentenceEncoder(exported, variant=spec.variant, intra_op_threads=spec.threads)
         batcher: DynamicBatcher[list[int], np.ndarray] = DynamicBatcher(
-            encoder.encode_ids, size=len, config=spec.batch, name=spec.id
+            encoder.encode_ids,
+            size=len,
+            config=spec.batch,
+            name=spec.id,
+            policy=WeightedFairPolicy(),
         )
         batcher.start()
         loaded = LoadedEmbedder(
