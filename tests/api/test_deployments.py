@@ -868,3 +868,27 @@ def test_an_image_model_predicts_from_base64_pngs(sqlite_server: Server) -> None
             response = http.post("/v1/predictions", json={"model": name, "images": images_in})
             assert_error(response, 400)
         assert_error(http.post("/v1/predictions", json={"model": name, "texts": ["x"]}), 400)
+
+
+def test_model_names_with_control_characters_are_400_on_every_route(
+    server: Server, org: Org
+) -> None:
+    """PostgreSQL refuses NUL in text: such a name must be a 400 before any query runs."""
+    bad = "ft:mlp:x\x00y"
+    with server.client(org.api_key) as http:
+        assert_error(http.post("/v1/deployments", json={"model": bad}), 400)
+        assert_error(http.post("/v1/predictions", json={"model": bad, "texts": ["hi"]}), 400)
+        assert_error(
+            http.post(
+                "/v1/fine_tuning/jobs",
+                json={"model": "mlp", "training_file": "dsv_x", "register_to": bad},
+            ),
+            400,
+        )
+        for path in (
+            "/v1/models/ft%3Amlp%00x",
+            "/v1/models/ft%3Amlp%00x/versions",
+            "/v1/models/ft%3Amlp%00x/aliases",
+            "/v2/models/ft%3Amlp%00x",
+        ):
+            assert_error(http.get(path), 400)

@@ -24,14 +24,14 @@ from aiaas.protocol.deployments import (
     DeploymentPublic,
     DeploymentUpdate,
 )
-from aiaas.protocol.platform import ListResponse
+from aiaas.protocol.platform import MODEL_REF_PATTERN, ListResponse
 from aiaas.services.deployments import DeploymentService
 from aiaas.services.registry import RegistryService
 
 router = APIRouter(tags=["deployments"])
 
 DeploymentId = Annotated[str, path_id("A deployment id.")]
-ModelName = Annotated[str, Path(min_length=1, max_length=256, description="A model id.")]
+ModelName = Annotated[str, Path(pattern=MODEL_REF_PATTERN, description="A model id.")]
 AliasPath = Annotated[AliasName, Path(description="An alias name.")]
 
 

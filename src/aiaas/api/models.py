@@ -10,6 +10,7 @@ from pydantic import SerializeAsAny
 from aiaas.api.deps import ModelsReadDep, PlatformDep
 from aiaas.errors import ModelNotFound
 from aiaas.protocol.openai import Model, ModelList
+from aiaas.protocol.platform import MODEL_REF_PATTERN
 from aiaas.protocol.registry import RegisteredModelPublic
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -34,7 +35,9 @@ def list_models(principal: ModelsReadDep, platform: PlatformDep) -> ModelList:
 
 @router.get("/{model}", response_model=SerializeAsAny[Model])
 def retrieve_model(
-    model: Annotated[str, Path(max_length=256)], principal: ModelsReadDep, platform: PlatformDep
+    model: Annotated[str, Path(pattern=MODEL_REF_PATTERN)],
+    principal: ModelsReadDep,
+    platform: PlatformDep,
 ) -> Model:
     try:
         return platform.inference.model(model)

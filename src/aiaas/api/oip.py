@@ -24,11 +24,12 @@ from aiaas.protocol.oip import (
     ServerMetadata,
     TensorMetadata,
 )
+from aiaas.protocol.platform import MODEL_REF_PATTERN
 from aiaas.services.predictions import PredictionService
 
 router = APIRouter(prefix="/v2", tags=["open-inference-protocol"])
 
-ModelName = Annotated[str, Path(min_length=1, max_length=256, description="A deployment name.")]
+ModelName = Annotated[str, Path(pattern=MODEL_REF_PATTERN, description="A deployment name.")]
 VersionPath = Annotated[str, Path(pattern=r"^[0-9]{1,9}$", description="A version number.")]
 
 

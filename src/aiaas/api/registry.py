@@ -8,13 +8,13 @@ from fastapi import APIRouter, Depends, Path
 from fastapi.responses import StreamingResponse
 
 from aiaas.api.deps import After, Limit, ModelsReadCtxDep, PlatformDep, TrainingDep
-from aiaas.protocol.platform import ListResponse
+from aiaas.protocol.platform import MODEL_REF_PATTERN, ListResponse
 from aiaas.protocol.registry import ModelDeleted, ModelVersionPublic
 from aiaas.services.registry import RegistryService
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
-ModelName = Annotated[str, Path(min_length=1, max_length=256, description="A model id.")]
+ModelName = Annotated[str, Path(pattern=MODEL_REF_PATTERN, description="A model id.")]
 VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1, description="A version number.")]
 ArtifactName = Annotated[
     str, Path(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="An artifact's file name.")

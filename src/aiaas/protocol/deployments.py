@@ -7,11 +7,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
 from aiaas.domain import Deployment, ModelAlias, Target
-from aiaas.protocol.platform import Request
+from aiaas.protocol.platform import ModelRef, Request
 from aiaas.services.deployments import DeploymentSpec
 
 AliasName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")]
-ModelId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+ModelId = ModelRef
 ServedName = Annotated[
     str, StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.:-]+$")
 ]

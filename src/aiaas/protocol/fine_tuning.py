@@ -13,14 +13,14 @@ from pydantic import BaseModel, Field, StringConstraints, model_validator
 
 from aiaas.data.types import Task
 from aiaas.domain import Job, JobCheckpoint, JobEvent
-from aiaas.protocol.platform import IdStr, Request
+from aiaas.protocol.platform import IdStr, ModelRef, Request
 from aiaas.services.jobs import JobRequest
 from aiaas.training.plan import HyperparameterChoices
 from aiaas.training.shapes import ARCHITECTURES, ArchitectureOptions
 
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
-ModelId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+ModelId = ModelRef
 
 
 class SupervisedMethod(Request):

@@ -17,6 +17,11 @@ T = TypeVar("T")
 # An object id as the platform issues them; anything else (NUL bytes, 10 kB junk) is a 400 here.
 IdStr = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 
+# A model id or deployment name as clients send it: 1-256 characters, no control characters
+# (PostgreSQL refuses NUL in text, and no name of ours has one).
+MODEL_REF_PATTERN = r"^[^\x00-\x1f\x7f]{1,256}$"
+ModelRef = Annotated[str, StringConstraints(pattern=MODEL_REF_PATTERN)]
+
 # A display name: 1-256 characters, no control characters.
 Name = Annotated[
     str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")

@@ -6,14 +6,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
-from aiaas.protocol.platform import Request
+from aiaas.protocol.platform import ModelRef, Request
 
 MAX_RECORDS = 10_000
 Base64 = Annotated[str, StringConstraints(max_length=16 * 1024 * 1024)]
 
 
 class PredictionRequest(Request):
-    model: str = Field(min_length=1, max_length=256, description="A deployment's name.")
+    model: ModelRef = Field(description="A deployment's name.")
     records: list[dict[str, Any]] | None = Field(
         default=None,
         max_length=MAX_RECORDS,
