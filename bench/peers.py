@@ -4,6 +4,9 @@
   the bench never installs anything into the project's `.venv`.
 - `llama-server`: llama.cpp's C++ server, built from the llama.cpp sources vendored in the
   llama-cpp-python sdist of the same version, so all three systems run the same ggml code.
+- BentoML (`bench/predict.py`): in a venv of its own (`bench/.cache/venv-bentoml`, ignored by git
+  like the rest of the cache), with the onnxruntime, numpy, uvloop and httptools versions the
+  project's venv has.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 __all__ = [
     "BENCH_DIR",
+    "BENTOML_VERSION",
     "LLAMA_CPP_PYTHON_VERSION",
     "ProvisionError",
+    "ensure_bentoml_python",
     "ensure_llama_server",
     "ensure_peers_python",
     "tool_output",
@@ -31,8 +36,10 @@ log = logging.getLogger("bench")
 
 BENCH_DIR = Path(__file__).resolve().parent
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+BENTOML_VERSION = "1.4.40"
 PEERS_VENV = BENCH_DIR / ".venv-peers"
 CACHE_DIR = BENCH_DIR / ".cache"
+BENTOML_VENV = CACHE_DIR / "venv-bentoml"
 LLAMA_BUILD_DIR = BENCH_DIR / ".build" / "llama.cpp"
 
 # Without these the build fetches web assets and links libcurl/OpenSSL, none of which we need.
@@ -69,6 +76,30 @@ def ensure_peers_python(venv: Path = PEERS_VENV) -> Path:
         )
         pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", requirement]
         _run(pip, log_path=install_log)
+    return python
+
+
+def ensure_bentoml_python(*, same_as_ours: Mapping[str, str], venv: Path = BENTOML_VENV) -> Path:
+    """The python of a venv holding BentoML at our pinned version, plus the packages the peer
+    should run at the versions ours runs (distribution name -> version: onnxruntime, numpy, and
+    the uvloop/httptools that uvicorn picks up when present).
+
+    Its own venv, not `.venv-peers`: BentoML brings starlette, uvicorn and pydantic ranges of its
+    own, which must not move the llama-cpp-python server's.
+    """
+    python = venv / "bin" / "python"
+    install_log = CACHE_DIR / "logs" / f"{venv.name.lstrip('.')}.log"
+    if not python.exists():
+        log.info("creating %s", venv)
+        base = shutil.which("python3") or sys.executable
+        _run([base, "-m", "venv", str(venv)], log_path=install_log)
+    wanted = {"bentoml": BENTOML_VERSION, **same_as_ours}
+    installed = _installed_versions(python, wanted)
+    if installed != wanted:
+        requirements = [f"{name}=={version}" for name, version in wanted.items()]
+        log.info("installing %s into %s (found %s)", " ".join(requirements), venv, installed)
+        pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
+        _run([*pip, *requirements], log_path=install_log)
     return python
 
 
@@ -115,6 +146,21 @@ def _llama_cpp_python_version(python: Path) -> str | None:
         [str(python), "-c", probe], capture_output=True, text=True, check=False
     )
     return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _installed_versions(python: Path, names: Iterable[str]) -> dict[str, str]:
+    """Distribution name -> installed version, for those of `names` the venv has."""
+    probe = (
+        "import importlib.metadata as m, sys\n"
+        "for name in sys.argv[1:]:\n"
+        "    try: print(name, m.version(name))\n"
+        "    except m.PackageNotFoundError: pass\n"
+    )
+    result = subprocess.run(  # noqa: S603 - fixed argv
+        [str(python), "-c", probe, *names], capture_output=True, text=True, check=False
+    )
+    pairs = (line.split() for line in result.stdout.splitlines())
+    return {pair[0]: pair[1] for pair in pairs if len(pair) == 2}
 
 
 def _download_sdist(dest: Path) -> Path:
