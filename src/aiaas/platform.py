@@ -90,6 +90,7 @@ class Platform:
             pepper=pepper,
             audit=audit,
             max_lifetime_s=settings.max_key_lifetime_days * 86400.0,
+            cache_s=settings.auth_cache_s,
         )
         files = FileService(db, blobs, audit, max_file_bytes=settings.max_file_bytes)
         files.sweep()
@@ -102,7 +103,7 @@ class Platform:
         jobs = JobService(db, blobs, audit)
         jobs.sweep()
         metrics = Metrics()
-        deployments = DeploymentService(db, registry, audit)
+        deployments = DeploymentService(db, registry, audit, cache_s=settings.route_cache_s)
         predictions = PredictionService(
             deployments,
             registry,

@@ -84,6 +84,20 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_key_lifetime_days: int = Field(default=3650, ge=1)
+    auth_cache_s: float = Field(
+        default=2.0,
+        ge=0,
+        le=60,
+        description="Seconds a verified key skips the database (a revocation through another "
+        "replica takes effect within this); 0 checks every request.",
+    )
+    route_cache_s: float = Field(
+        default=1.0,
+        ge=0,
+        le=60,
+        description="Seconds a deployment's resolved versions are reused (changes through "
+        "another replica take effect within this); 0 resolves every request.",
+    )
     max_file_bytes: int = Field(
         default=512 * 1024 * 1024, ge=1024, description="Largest file one upload may carry."
     )

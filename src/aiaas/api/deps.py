@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from aiaas.domain import Actor, Principal, Scope
 from aiaas.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
@@ -46,16 +47,21 @@ TenancyDep = Annotated[TenancyService, Depends(get_tenancy)]
 AuditDep = Annotated[AuditService, Depends(get_audit)]
 
 
-def get_principal(
+async def get_principal(
     request: Request,
     platform: PlatformDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    try:
-        principal = platform.keys.authenticate(credentials.credentials if credentials else None)
-    except AuthenticationFailed:
-        platform.metrics.auth_failures.inc()
-        raise
+    # Async, so a recently verified key costs no thread hop; a miss reads the database in a
+    # worker thread.
+    token = credentials.credentials if credentials else None
+    principal = platform.keys.cached(token)
+    if principal is None:
+        try:
+            principal = await run_in_threadpool(platform.keys.authenticate, token)
+        except AuthenticationFailed:
+            platform.metrics.auth_failures.inc()
+            raise
     request.state.org_id = principal.org_id or "platform"
     return principal
 
@@ -63,8 +69,8 @@ def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def require(scope: Scope) -> Callable[[Principal], Principal]:
-    def check(principal: PrincipalDep) -> Principal:
+def require(scope: Scope) -> Callable[[Principal], Awaitable[Principal]]:
+    async def check(principal: PrincipalDep) -> Principal:
         if not principal.has(scope):
             raise PermissionDenied(
                 f"You have insufficient permissions for this operation. Missing scope: {scope}."
@@ -92,7 +98,7 @@ class OrgContext:
         return Actor.of(self.principal)
 
 
-def org_context(scope: Scope) -> Callable[..., OrgContext]:
+def org_context(scope: Scope) -> Callable[..., Awaitable[OrgContext]]:
     """A dependency: the caller has `scope`, and the organisation it acts in.
 
     An org key acts in its own org (and its own project); the platform admin names an org with
@@ -100,7 +106,7 @@ def org_context(scope: Scope) -> Callable[..., OrgContext]:
     """
 
     # Defaults, not annotations: these annotations would be resolved as strings, without `scope`.
-    def resolve(
+    async def resolve(
         principal: Principal = Depends(require(scope)),
         tenancy: TenancyService = Depends(get_tenancy),
         openai_organization: str | None = Header(
@@ -112,7 +118,8 @@ def org_context(scope: Scope) -> Callable[..., OrgContext]:
     ) -> OrgContext:
         if principal.org_id is not None:
             if openai_organization and openai_organization != principal.org_id:
-                tenancy.get_org(principal, openai_organization)  # 404, like another org's object
+                # 404, like another org's object.
+                await run_in_threadpool(tenancy.get_org, principal, openai_organization)
             return OrgContext(
                 principal=principal, org_id=principal.org_id, project_id=principal.project_id
             )
@@ -121,10 +128,9 @@ def org_context(scope: Scope) -> Callable[..., OrgContext]:
                 "A platform admin key must name an organization in the OpenAI-Organization header.",
                 param="OpenAI-Organization",
             )
-        org = tenancy.get_org(principal, openai_organization)
-        return OrgContext(
-            principal=principal, org_id=org.id, project_id=tenancy.default_project_id(org.id)
-        )
+        org = await run_in_threadpool(tenancy.get_org, principal, openai_organization)
+        project_id = await run_in_threadpool(tenancy.default_project_id, org.id)
+        return OrgContext(principal=principal, org_id=org.id, project_id=project_id)
 
     return resolve
 

@@ -10,6 +10,7 @@ else of theirs.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import Connection
@@ -33,6 +34,17 @@ class DeploymentSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class _Resolved:
+    deployment: Deployment
+    target: ModelVersion
+    canary: ModelVersion | None
+    valid_until: float  # time.monotonic()
+
+
+_ROUTE_LIMIT = 10_000
+
+
+@dataclass(frozen=True, slots=True)
 class Routed:
     """Which version answers one request, and whether it was the canary."""
 
@@ -49,11 +61,17 @@ class DeploymentService:
         audit: AuditService,
         *,
         rng: random.Random | None = None,
+        cache_s: float = 0.0,
     ) -> None:
         self._db = db
         self._registry = registry
         self._audit = audit
         self._rng = rng or random.Random()  # noqa: S311 - traffic split, not a secret
+        # (org, name) -> what a request to it resolves to, for `cache_s` seconds: resolving took
+        # four queries per request. Any change made through this process clears it at once.
+        self._cache_s = cache_s
+        self._routes: dict[tuple[str, str], _Resolved] = {}
+        registry.on_change(self.forget_routes)
 
     def create(
         self, *, org_id: str, project_id: str, actor: Actor, name: str | None, spec: DeploymentSpec
@@ -74,6 +92,7 @@ class DeploymentService:
                 created_by=actor.id,
             )
             self._record(conn, actor, deployment, "deployment.created")
+        self.forget_routes()
         return deployment
 
     def update(
@@ -98,6 +117,7 @@ class DeploymentService:
             updated = repo.get(conn, org_id=org_id, deployment_id=deployment_id)
             assert updated is not None
             self._record(conn, actor, updated, "deployment.updated")
+        self.forget_routes()
         return updated
 
     def _check(self, org_id: str, spec: DeploymentSpec) -> None:
@@ -126,6 +146,7 @@ class DeploymentService:
                 raise NotFound(f"No deployment with id {deployment_id!r}.", param="deployment_id")
             repo.remove(conn, deployment_id=deployment_id)
             self._record(conn, actor, found, "deployment.deleted")
+        self.forget_routes()
         return found
 
     # -- serving ---------------------------------------------------------------------------------
@@ -140,6 +161,25 @@ class DeploymentService:
         """The version that answers a request to `name` (a deployment name); with `version`,
         that version of the deployed model (Open Inference Protocol's `/versions/{v}`). Without
         `split` the canary never answers: metadata describes the deployment's own target."""
+        if version is None:
+            return self._pick(self._resolved(org_id, name), split=split)
+        deployment = self._named(org_id, name)
+        pinned = self._registry.resolve(
+            org_id=org_id, model_id=deployment.model_id, target=Target(version=version)
+        )
+        return Routed(deployment, pinned, canary=False)
+
+    def _pick(self, resolved: _Resolved, *, split: bool) -> Routed:
+        canary = resolved.canary
+        if (
+            split
+            and canary is not None
+            and self._rng.random() * 100.0 < resolved.deployment.canary_percent
+        ):
+            return Routed(resolved.deployment, canary, canary=True)
+        return Routed(resolved.deployment, resolved.target, canary=False)
+
+    def _named(self, org_id: str, name: str) -> Deployment:
         deployment = self.find(org_id=org_id, name=name)
         if deployment is None:
             raise NotFound(
@@ -147,19 +187,42 @@ class DeploymentService:
                 param="model",
                 code="model_not_found",
             )
-        if version is not None:
-            pinned = self._registry.resolve(
-                org_id=org_id, model_id=deployment.model_id, target=Target(version=version)
+        return deployment
+
+    def _resolved(self, org_id: str, name: str) -> _Resolved:
+        key = (org_id, name)
+        cached = self._routes.get(key)
+        if cached is not None and time.monotonic() < cached.valid_until:
+            return cached
+        deployment = self._named(org_id, name)
+        model_id = deployment.model_id
+        resolved = _Resolved(
+            deployment=deployment,
+            target=self._registry.resolve(
+                org_id=org_id, model_id=model_id, target=deployment.target
+            ),
+            canary=self._registry.resolve(
+                org_id=org_id, model_id=model_id, target=deployment.canary
             )
-            return Routed(deployment, pinned, canary=False)
-        use_canary = (
-            split
-            and deployment.canary is not None
-            and self._rng.random() * 100.0 < deployment.canary_percent
+            if deployment.canary is not None
+            else None,
+            valid_until=time.monotonic() + self._cache_s,
         )
-        target = deployment.canary if use_canary and deployment.canary else deployment.target
-        chosen = self._registry.resolve(org_id=org_id, model_id=deployment.model_id, target=target)
-        return Routed(deployment, chosen, canary=use_canary)
+        if self._cache_s > 0:
+            if len(self._routes) >= _ROUTE_LIMIT:
+                self._routes.clear()
+            self._routes[key] = resolved
+        return resolved
+
+    def cached_route(self, *, org_id: str, name: str) -> Routed | None:
+        """`route` from memory only, when the deployment was resolved recently (else None)."""
+        resolved = self._routes.get((org_id, name))
+        if resolved is None or time.monotonic() >= resolved.valid_until:
+            return None
+        return self._pick(resolved, split=True)
+
+    def forget_routes(self) -> None:
+        self._routes.clear()
 
     def serving(self, *, org_id: str, name: str, version: int | None = None) -> list[ModelVersion]:
         """Every version that may answer requests to `name`: its target and its canary."""

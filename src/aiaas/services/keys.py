@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import secrets
 import string
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import Connection
@@ -29,6 +30,24 @@ _ID_HEX = 16
 _SECRET_ALPHABET = string.ascii_letters + string.digits
 _SECRET_LEN = 43  # ~256 bits of base62
 _LAST_USED_RESOLUTION = 60.0  # seconds; last_used_at is written at most this often
+_CACHE_LIMIT = 100_000  # verified keys remembered at once; past it the cache starts over
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    secret_hmac: str
+    principal: Principal
+    key_expires_at: float | None
+    valid_until: float  # time.monotonic()
+
+    def still_valid(self, digest: str) -> bool:
+        return (
+            time.monotonic() < self.valid_until
+            and hmac.compare_digest(digest, self.secret_hmac)
+            and (self.key_expires_at is None or self.key_expires_at > now())
+        )
+
+
 _DUMMY_HMAC = "0" * 64
 
 
@@ -53,12 +72,23 @@ def _parse(token: str) -> tuple[str, str] | None:
 
 class KeyService:
     def __init__(
-        self, db: Database, *, pepper: bytes, audit: AuditService, max_lifetime_s: float
+        self,
+        db: Database,
+        *,
+        pepper: bytes,
+        audit: AuditService,
+        max_lifetime_s: float,
+        cache_s: float = 0.0,
     ) -> None:
         self._db = db
         self._pepper = pepper
         self._audit = audit
         self._max_lifetime_s = max_lifetime_s
+        # Keys verified in the last `cache_s` seconds skip the database: the read per request
+        # was most of an authenticated request's cost. A revocation or archive made through
+        # this process forgets them at once; another replica's, within `cache_s`.
+        self._cache_s = cache_s
+        self._verified: dict[str, _Verified] = {}
 
     def _hmac(self, secret: str) -> str:
         return hmac.new(self._pepper, secret.encode(), hashlib.sha256).hexdigest()
@@ -127,18 +157,51 @@ class KeyService:
         if parsed is None:
             raise AuthenticationFailed("Incorrect API key provided: it is not an aiaas key.")
         key_id, secret = parsed
+        digest = self._hmac(secret)
+        cached = self._verified.get(key_id)
+        if cached is not None and cached.still_valid(digest):
+            return cached.principal
         with self._db.read() as conn:
             found = keys_repo.get_for_auth(conn, key_id)
             stored = found[1] if found else _DUMMY_HMAC
-            matches = hmac.compare_digest(self._hmac(secret), stored)
+            matches = hmac.compare_digest(digest, stored)
             if found is None or not matches:
                 raise AuthenticationFailed("Incorrect API key provided.")
             key = found[0]
             self._check_live(conn, key)
         self._touch(key)
-        return Principal(
+        principal = Principal(
             key_id=key.id, org_id=key.org_id, project_id=key.project_id, scopes=key.scopes
         )
+        if self._cache_s > 0:
+            if len(self._verified) >= _CACHE_LIMIT:
+                self._verified.clear()
+            self._verified[key_id] = _Verified(
+                secret_hmac=digest,
+                principal=principal,
+                key_expires_at=key.expires_at,
+                valid_until=time.monotonic() + self._cache_s,
+            )
+        return principal
+
+    def cached(self, token: str | None) -> Principal | None:
+        """The principal of a recently verified key, from memory only (None: ask `authenticate`).
+        Cheap enough for the event loop."""
+        parsed = _parse(token) if token else None
+        if parsed is None:
+            return None
+        key_id, secret = parsed
+        found = self._verified.get(key_id)
+        if found is not None and found.still_valid(self._hmac(secret)):
+            return found.principal
+        return None
+
+    def forget(self, key_id: str | None = None) -> None:
+        """Drop verified keys from the cache (one, or all: e.g. after archiving a project)."""
+        if key_id is None:
+            self._verified.clear()
+        else:
+            self._verified.pop(key_id, None)
 
     def _check_live(self, conn: Connection, key: ApiKey) -> None:
         at = now()
@@ -228,5 +291,6 @@ class KeyService:
                     data={"name": key.name},
                 )
             revoked = keys_repo.get_key(conn, org_id=org_id, key_id=key_id)
+        self.forget(key_id)
         assert revoked is not None
         return revoked

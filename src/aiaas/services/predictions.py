@@ -109,6 +109,10 @@ class PredictionService:
     async def route(
         self, *, org_id: str, name: str, version: int | None = None, split: bool = True
     ) -> Routed:
+        if version is None and split:
+            cached = self._deployments.cached_route(org_id=org_id, name=name)
+            if cached is not None:
+                return cached
         return await asyncio.to_thread(
             self._deployments.route, org_id=org_id, name=name, version=version, split=split
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +69,15 @@ class RegistryService:
         self._blobs = blobs
         self._audit = audit
         self._abandon_after_s = abandon_after_s
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after an alias or a model changes (caches of resolved versions)."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     # -- register --------------------------------------------------------------------------------
 
@@ -121,6 +130,7 @@ class RegistryService:
             self._drop_version(new.org_id, version_id)
             self._remove_if_empty(new.model_id)
             raise
+        self._changed()  # "latest" may now name this version
         return version
 
     def _store(self, org_id: str, version_id: str, name: str, content: bytes) -> Artifact:
@@ -205,6 +215,7 @@ class RegistryService:
                 project_id=model.project_id,
                 data={"alias": alias, "version": version},
             )
+        self._changed()
         return found
 
     def list_aliases(self, *, org_id: str, model_id: str) -> list[ModelAlias]:
@@ -234,6 +245,7 @@ class RegistryService:
                 project_id=model.project_id,
                 data={"alias": alias},
             )
+        self._changed()
 
     def resolve(self, *, org_id: str, model_id: str, target: Target) -> ModelVersion:
         """The version a target names now (an alias is read at this moment)."""
@@ -294,6 +306,7 @@ class RegistryService:
             self._drop_version(org_id, version_id)
         with self._db.write() as conn:
             repo.remove_model(conn, model_id=model_id)
+        self._changed()
 
     def sweep(self) -> int:
         """Remove versions whose registration or deletion a crash cut short; return how many."""

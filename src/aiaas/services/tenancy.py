@@ -177,5 +177,6 @@ class TenancyService:
                     project_id=project_id,
                 )
             archived = tenancy_repo.get_project(conn, org_id=org_id, project_id=project_id)
+        self._keys.forget()
         assert archived is not None
         return archived
