@@ -26,7 +26,7 @@ from aiaas.scheduling.fair import WeightedFairPolicy
 from aiaas.services.audit import AuditService
 from aiaas.services.datasets import DatasetService
 from aiaas.services.deployments import DeploymentService
-from aiaas.services.embeddings import EmbeddingService
+from aiaas.services.embeddings import DeployedEncoders, EmbeddingService
 from aiaas.services.files import FileService
 from aiaas.services.inference import InferenceService
 from aiaas.services.jobs import JobService
@@ -147,7 +147,19 @@ class Platform:
             readiness=Readiness(),
             pool=pool,
             inference=InferenceService(pool, metrics),
-            embeddings=EmbeddingService(pool, metrics),
+            embeddings=EmbeddingService(
+                pool,
+                metrics,
+                DeployedEncoders(
+                    deployments,
+                    registry,
+                    threads=settings.embeddings_threads,
+                    batch=BatcherConfig(
+                        max_batch_items=settings.embeddings_max_batch,
+                        max_wait_ms=settings.embeddings_max_wait_ms,
+                    ),
+                ),
+            ),
             jobs=jobs,
             registry=registry,
             deployments=deployments,
@@ -189,6 +201,7 @@ class Platform:
         if self.runner is not None:
             self.runner.close()
         self.predictions.close()
+        self.embeddings.close()
         self.pool.close()
         self.blobs.close()
         self.db.close()

@@ -892,3 +892,9 @@ def test_model_names_with_control_characters_are_400_on_every_route(
             "/v2/models/ft%3Amlp%00x",
         ):
             assert_error(http.get(path), 400)
+
+
+def test_a_deployment_that_is_not_an_encoder_does_not_serve_embeddings(points: Points) -> None:
+    with points.http() as http:
+        response = http.post("/v1/embeddings", json={"model": points.name, "input": "hello"})
+    assert_error(response, 400, "model_not_embedding")

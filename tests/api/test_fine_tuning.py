@@ -7,6 +7,7 @@ The server runs one job at a time, so tests that start a second job wait for the
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -27,7 +28,9 @@ import pandas as pd
 import pytest
 from openai.types.fine_tuning import FineTuningJob
 from PIL import Image
+from tokenizers import Tokenizer
 
+from aiaas.engines.embeddings.export import minilm_l6_v2_dir
 from aiaas.training.architectures import input_shape, model_inputs
 from aiaas.training.preprocess import PreprocessingSpec, transform
 from tests.conftest import Org, Server, assert_error, create_org
@@ -366,6 +369,38 @@ def test_minilm_fine_tunes_to_tell_positive_from_negative(sqlite_server: Server)
     version = registered_version(sqlite_server, org, job)
     assert version["lineage"]["base_model"] == "all-minilm-l6-v2"
     assert version["metrics"]["evaluation"]["accuracy"] >= 0.8, version["metrics"]
+    assert_deployed_encoder_serves_embeddings(sqlite_server, org, job)
+
+
+def assert_deployed_encoder_serves_embeddings(server: Server, org: Org, job: FineTuningJob) -> None:
+    """Deployed, the fine-tuned encoder answers /v1/embeddings exactly as its own encoder.onnx
+    pooled the sentence-transformers way does, and only for its own organisation."""
+    model = job.fine_tuned_model
+    assert model is not None
+    with server.client(org.api_key) as http:
+        assert http.post("/v1/deployments", json={"model": model}).status_code == 201
+        graph = http.get(f"/v1/models/{model}/versions/1/artifacts/encoder.onnx").content
+    texts = ["what a wonderful film", "a dull and dreadful story", "wonderful"]
+    client = api(server, org)
+    floats = client.embeddings.create(model=model, input=texts)
+    vectors = np.array([item.embedding for item in floats.data])
+    packed = client.embeddings.create(model=model, input=texts, encoding_format="base64")
+    assert vectors.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    tokenizer = Tokenizer.from_file(str(minilm_l6_v2_dir() / "tokenizer.json"))
+    tokenizer.no_padding()
+    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    for text, vector, item in zip(texts, vectors, packed.data, strict=True):
+        ids = np.array([tokenizer.encode(text).ids], dtype=np.int64)
+        (hidden,) = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        expected = hidden[0].mean(axis=0)
+        expected /= np.linalg.norm(expected)
+        assert np.allclose(vector, expected, atol=1e-5)
+        decoded = np.frombuffer(base64.b64decode(item.embedding), dtype="<f4")
+        assert np.array_equal(decoded, vector.astype(np.float32))
+    stranger = api(server, create_org(server))
+    with pytest.raises(openai.NotFoundError):
+        stranger.embeddings.create(model=model, input="hello")
 
 
 # -- the registered version ----------------------------------------------------------------------

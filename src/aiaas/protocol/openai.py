@@ -26,7 +26,8 @@ MAX_STOP_SEQUENCES = 4
 MAX_MESSAGES = 2048
 MAX_PROMPT_CHARS = 1_000_000
 
-ModelId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+# No control characters: a model id may be looked up in the database (deployed encoders).
+ModelId = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]{1,256}$")]
 StopText = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 

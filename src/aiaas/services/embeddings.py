@@ -2,25 +2,127 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
+from collections import OrderedDict
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from aiaas.domain import Principal
+from aiaas.domain import ModelVersion, Principal
+from aiaas.engines.embeddings.encoder import InMemoryEncoder, SentenceEncoder
+from aiaas.engines.embeddings.export import PoolingConfig, minilm_l6_v2_dir
 from aiaas.engines.pool import LoadedEmbedder, ModelPool
-from aiaas.errors import InvalidRequest
+from aiaas.errors import InvalidRequest, ModelNotFound
 from aiaas.observability.metrics import Metrics
 from aiaas.protocol.openai import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
+from aiaas.scheduling.batcher import BatcherConfig, DynamicBatcher
+from aiaas.scheduling.fair import WeightedFairPolicy
+from aiaas.services.deployments import DeploymentService
+from aiaas.services.registry import RegistryService
+
+ENCODER = "encoder.onnx"
+
+
+class DeployedEncoders:
+    """Fine-tuned sentence encoders served from their organisation's deployments.
+
+    A deployment whose version carries an `encoder.onnx` (a MiniLM fine-tuned by a training job)
+    answers `/v1/embeddings` under its name: the graph is decrypted into memory, tokenised and
+    pooled exactly like the bundled encoder. The `capacity` most recently used stay loaded.
+    """
+
+    def __init__(
+        self,
+        deployments: DeploymentService,
+        registry: RegistryService,
+        *,
+        threads: int,
+        batch: BatcherConfig,
+        capacity: int = 4,
+    ) -> None:
+        self._deployments = deployments
+        self._registry = registry
+        self._threads = threads
+        self._batch = batch
+        self._capacity = capacity
+        self._loaded: OrderedDict[str, LoadedEmbedder] = OrderedDict()
+        self._load_lock = asyncio.Lock()
+
+    async def get(self, org_id: str, name: str) -> LoadedEmbedder:
+        routed = self._deployments.cached_route(
+            org_id=org_id, name=name
+        ) or await asyncio.to_thread(self._deployments.route, org_id=org_id, name=name)
+        version = routed.version
+        if ENCODER not in version.artifacts:
+            raise InvalidRequest(
+                f"The model '{name}' does not serve embeddings: only fine-tuned sentence "
+                "encoders (all-minilm-l6-v2) do.",
+                param="model",
+                code="model_not_embedding",
+            )
+        async with self._load_lock:  # one load at a time: two requests never load one twice
+            found = self._loaded.get(version.id)
+            if found is None:
+                found = await asyncio.to_thread(self._load, version, name)
+                self._loaded[version.id] = found
+                while len(self._loaded) > self._capacity:
+                    _, evicted = self._loaded.popitem(last=False)
+                    await asyncio.to_thread(evicted.batcher.close)
+            self._loaded.move_to_end(version.id)
+        return found
+
+    def _load(self, version: ModelVersion, name: str) -> LoadedEmbedder:
+        about = json.loads(self._registry.read_artifact(version, "encoder.json"))
+        encoder = SentenceEncoder(
+            InMemoryEncoder(
+                graph=self._registry.read_artifact(version, ENCODER),
+                tokenizer=minilm_l6_v2_dir() / "tokenizer.json",
+                pooling=PoolingConfig(**about["pooling"]),
+            ),
+            intra_op_threads=self._threads,
+        )
+        batcher: DynamicBatcher[list[int], np.ndarray] = DynamicBatcher(
+            encoder.encode_ids,
+            size=len,
+            config=self._batch,
+            name=f"embeddings-{version.id}",
+            policy=WeightedFairPolicy(),
+        )
+        batcher.start()
+        return LoadedEmbedder(
+            id=name, encoder=encoder, batcher=batcher, created=int(version.created_at)
+        )
+
+    def close(self) -> None:
+        for loaded in self._loaded.values():
+            loaded.batcher.close()
+        self._loaded.clear()
 
 
 class EmbeddingService:
-    def __init__(self, pool: ModelPool, metrics: Metrics) -> None:
+    def __init__(
+        self, pool: ModelPool, metrics: Metrics, deployed: DeployedEncoders | None = None
+    ) -> None:
         self._pool = pool
         self._metrics = metrics
+        self._deployed = deployed
+
+    def close(self) -> None:
+        if self._deployed is not None:
+            self._deployed.close()
+
+    async def _embedder(self, principal: Principal, model: str) -> LoadedEmbedder:
+        try:
+            return self._pool.embedder(model)
+        except ModelNotFound:
+            if principal.org_id is None or self._deployed is None:
+                raise
+            return await self._deployed.get(principal.org_id, model)
 
     async def embed(self, principal: Principal, request: EmbeddingRequest) -> EmbeddingList:
-        loaded = self._pool.embedder(request.model)
+        loaded = await self._embedder(principal, request.model)
         dimension = loaded.encoder.dimension
         if request.dimensions is not None and request.dimensions > dimension:
             raise InvalidRequest(

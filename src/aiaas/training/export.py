@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
 
 from aiaas.training.architectures import InputShape, Network
 
-__all__ = ["ExportError", "example_inputs", "export_onnx", "verify_onnx"]
+__all__ = ["ExportError", "example_inputs", "export_onnx", "export_text_encoder", "verify_onnx"]
 
 OUTPUT_NAME = "logits"
 # Random token ids stay below this: valid in any learned vocabulary and in every BERT vocabulary.
@@ -92,12 +93,7 @@ def verify_onnx(
 
     Raises ExportError when it is above `atol` (or the outputs differ in shape or are not finite).
     """
-    import onnxruntime as ort  # serving's runtime; imported only when a graph is checked
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    session = _session(onnx_bytes)
     feed = {name: inputs[name] for name in model.input_names}
     (from_onnx,) = session.run([OUTPUT_NAME], feed)
     from_torch = _torch_logits(model, feed)
@@ -129,3 +125,77 @@ def _torch_logits(model: Network, feed: dict[str, np.ndarray]) -> np.ndarray:
 def _device(model: Network) -> torch.device:
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
+
+
+class _LastHiddenState(torch.nn.Module):
+    """A fine-tuned transformer as the embeddings engine serves one: ids and mask in, token
+    vectors out (pooling and normalising happen in the engine, as for the bundled encoder)."""
+
+    def __init__(self, bert: torch.nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden: torch.Tensor = self.bert(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=torch.zeros_like(input_ids),
+        ).last_hidden_state
+        return hidden
+
+
+def export_text_encoder(model: Network, *, opset: int = 17) -> bytes:
+    """The transformer inside a fine-tuned text network (e.g. MiniLM) as an ONNX graph the
+    embeddings engine loads: `input_ids`, `attention_mask` in (batch and sequence dynamic),
+    `last_hidden_state` out. Checked against torch before it is returned."""
+    bert = getattr(model.encoder, "bert", None)
+    if bert is None:
+        raise ExportError(f"a {model.architecture!r} network has no transformer encoder")
+    wrapper = _LastHiddenState(bert).eval()
+    ids = torch.randint(1000, 2000, (2, 12), dtype=torch.int64)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    buffer = io.BytesIO()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", "Exporting aten::index operator")
+            torch.onnx.export(
+                wrapper,
+                (ids, mask),
+                buffer,
+                input_names=["input_ids", "attention_mask"],
+                output_names=["last_hidden_state"],
+                dynamic_axes={
+                    name: {0: "batch", 1: "sequence"}
+                    for name in ("input_ids", "attention_mask", "last_hidden_state")
+                },
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+            expected = wrapper(ids, mask).numpy()
+    except RuntimeError as exc:
+        raise ExportError(f"cannot export the text encoder to ONNX: {exc}") from exc
+    finally:
+        model.train(was_training)
+    graph = buffer.getvalue()
+    session = _session(graph)
+    (got,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    difference = float(np.max(np.abs(np.asarray(got) - expected)))
+    if not difference <= 1e-4:
+        raise ExportError(f"the exported text encoder differs from torch by {difference:g}")
+    return graph
+
+
+def _session(graph: bytes) -> Any:
+    """A one-thread ONNX Runtime session, to check a graph against torch."""
+    import onnxruntime as ort  # serving's runtime; imported only when a graph is checked
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])

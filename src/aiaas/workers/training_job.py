@@ -8,6 +8,7 @@ first and are recorded after, so the row always names a complete blob; only the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -26,7 +27,7 @@ from aiaas import __version__
 from aiaas.data.build import read_version
 from aiaas.data.types import SPLIT_COLUMN, Split, Task
 from aiaas.domain import Actor, Job, JobControl, JobStatus
-from aiaas.engines.embeddings.export import minilm_l6_v2_dir
+from aiaas.engines.embeddings.export import minilm_l6_v2_dir, read_pooling
 from aiaas.errors import ApiError, InvalidRequest
 from aiaas.ids import new_id, now
 from aiaas.services.audit import AuditService
@@ -42,7 +43,7 @@ from aiaas.training.evaluate import (
     evaluate_regression,
     summary,
 )
-from aiaas.training.export import export_onnx, verify_onnx
+from aiaas.training.export import export_onnx, export_text_encoder, verify_onnx
 from aiaas.training.plan import MINILM, TOKENIZER_REF, TrainingPlan
 from aiaas.training.preprocess import (
     Features,
@@ -486,6 +487,13 @@ def _register(
         "code_version": f"aiaas {__version__}",
         "torch_version": torch.__version__,
     }
+    artifacts = [
+        ("model.safetensors", weights),
+        ("model.onnx", onnx_bytes),
+        ("preprocessing.json", data.spec.model_dump_json().encode()),
+        ("model.json", json.dumps(description, indent=2).encode()),
+        *_encoder_artifacts(plan, model),
+    ]
     if lease.stop_requested() is Stop.CANCEL:
         lease.finish(JobStatus.CANCELLED, "Job cancelled before its model was registered.")
         return
@@ -497,12 +505,7 @@ def _register(
             model_id=plan.model_name,
             base=plan.model,
             task=plan.task.value,
-            artifacts=[
-                ("model.safetensors", weights),
-                ("model.onnx", onnx_bytes),
-                ("preprocessing.json", data.spec.model_dump_json().encode()),
-                ("model.json", json.dumps(description, indent=2).encode()),
-            ],
+            artifacts=artifacts,
             metrics=metrics,
             lineage=lineage,
             dataset_version_id=job.dataset_version_id,
@@ -520,6 +523,18 @@ def _register(
         epoch=len(result.history),
         step=result.steps,
     )
+
+
+def _encoder_artifacts(plan: TrainingPlan, model: Network) -> list[tuple[str, bytes]]:
+    """A fine-tuned sentence encoder also serves /v1/embeddings once deployed: its transformer as
+    ONNX, and how to pool it (the bundled model's sentence-transformers settings)."""
+    if plan.model != MINILM:
+        return []
+    pooling = read_pooling(minilm_l6_v2_dir())
+    return [
+        ("encoder.onnx", export_text_encoder(model)),
+        ("encoder.json", json.dumps({"pooling": dataclasses.asdict(pooling)}).encode()),
+    ]
 
 
 def _evaluate(

@@ -12,6 +12,8 @@ several threads at once; the tokenizer is only read.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -24,10 +26,23 @@ NORM_EPS = 1e-12  # torch.nn.functional.normalize's floor, so a zero vector stay
 MASK_EPS = 1e-9  # sentence-transformers' floor on the token count of mean pooling
 
 
+@dataclass(frozen=True, slots=True)
+class InMemoryEncoder:
+    """An encoder graph held in memory: a deployed fine-tuned model, decrypted from the blob
+    store, never written to disk in the clear."""
+
+    graph: bytes
+    tokenizer: Path
+    pooling: PoolingConfig
+
+    def onnx(self, variant: Variant) -> bytes:
+        return self.graph  # fine-tuned encoders are served as trained (fp32)
+
+
 class SentenceEncoder:
     def __init__(
         self,
-        model: ExportedModel,
+        model: ExportedModel | InMemoryEncoder,
         *,
         variant: Variant = "fp32",
         intra_op_threads: int = 1,
@@ -47,8 +62,11 @@ class SentenceEncoder:
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        source = model.onnx(variant)
         self._session = ort.InferenceSession(
-            str(model.onnx(variant)), options, providers=["CPUExecutionProvider"]
+            source if isinstance(source, bytes) else str(source),
+            options,
+            providers=["CPUExecutionProvider"],
         )
         self._inputs = tuple(i.name for i in self._session.get_inputs())
         self._tokenizer = Tokenizer.from_file(str(model.tokenizer))
