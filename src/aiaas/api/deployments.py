@@ -10,8 +10,10 @@ from aiaas.api.deps import (
     After,
     DeployDep,
     Limit,
+    ModelPath,
     ModelsReadCtxDep,
     PlatformDep,
+    RegistryDep,
     path_id,
 )
 from aiaas.protocol.deployments import (
@@ -24,14 +26,12 @@ from aiaas.protocol.deployments import (
     DeploymentPublic,
     DeploymentUpdate,
 )
-from aiaas.protocol.platform import MODEL_REF_PATTERN, ListResponse
+from aiaas.protocol.platform import ListResponse
 from aiaas.services.deployments import DeploymentService
-from aiaas.services.registry import RegistryService
 
 router = APIRouter(tags=["deployments"])
 
 DeploymentId = Annotated[str, path_id("A deployment id.")]
-ModelName = Annotated[str, Path(pattern=MODEL_REF_PATTERN, description="A model id.")]
 AliasPath = Annotated[AliasName, Path(description="An alias name.")]
 
 
@@ -39,12 +39,7 @@ def get_deployments(platform: PlatformDep) -> DeploymentService:
     return platform.deployments
 
 
-def get_registry(platform: PlatformDep) -> RegistryService:
-    return platform.registry
-
-
 DeploymentsDep = Annotated[DeploymentService, Depends(get_deployments)]
-RegistryDep = Annotated[RegistryService, Depends(get_registry)]
 
 
 @router.post(
@@ -110,14 +105,14 @@ def delete_deployment(
 
 
 @router.get("/v1/models/{model}/aliases", response_model=AliasList)
-def list_aliases(model: ModelName, ctx: ModelsReadCtxDep, registry: RegistryDep) -> AliasList:
+def list_aliases(model: ModelPath, ctx: ModelsReadCtxDep, registry: RegistryDep) -> AliasList:
     aliases = registry.list_aliases(org_id=ctx.org_id, model_id=model)
     return AliasList(data=[AliasPublic.from_domain(a) for a in aliases])
 
 
 @router.put("/v1/models/{model}/aliases/{alias}", response_model=AliasPublic)
 def set_alias(
-    model: ModelName, alias: AliasPath, body: AliasSet, ctx: DeployDep, registry: RegistryDep
+    model: ModelPath, alias: AliasPath, body: AliasSet, ctx: DeployDep, registry: RegistryDep
 ) -> AliasPublic:
     """Make or move an alias; deployments serving it switch at their next request."""
     found = registry.set_alias(
@@ -127,5 +122,5 @@ def set_alias(
 
 
 @router.delete("/v1/models/{model}/aliases/{alias}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_alias(model: ModelName, alias: AliasPath, ctx: DeployDep, registry: RegistryDep) -> None:
+def delete_alias(model: ModelPath, alias: AliasPath, ctx: DeployDep, registry: RegistryDep) -> None:
     registry.delete_alias(org_id=ctx.org_id, model_id=model, alias=alias, actor=ctx.actor)

@@ -13,8 +13,10 @@ from starlette.concurrency import run_in_threadpool
 from aiaas.domain import Actor, Principal, Scope
 from aiaas.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 from aiaas.platform import Platform
+from aiaas.protocol.platform import MODEL_REF_PATTERN
 from aiaas.services.audit import AuditService
 from aiaas.services.keys import KeyService
+from aiaas.services.registry import RegistryService
 from aiaas.services.tenancy import TenancyService
 
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
@@ -142,6 +144,16 @@ TrainingDep = Annotated[OrgContext, Depends(org_context(Scope.TRAINING))]
 ModelsReadCtxDep = Annotated[OrgContext, Depends(org_context(Scope.MODELS_READ))]
 DeployDep = Annotated[OrgContext, Depends(org_context(Scope.DEPLOY))]
 InferenceCtxDep = Annotated[OrgContext, Depends(org_context(Scope.INFERENCE))]
+
+
+def get_registry(platform: PlatformDep) -> RegistryService:
+    return platform.registry
+
+
+RegistryDep = Annotated[RegistryService, Depends(get_registry)]
+
+# A model id or deployment name in a path.
+ModelPath = Annotated[str, Path(pattern=MODEL_REF_PATTERN, description="A model id.")]
 
 
 After = Annotated[

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Path
+from fastapi import APIRouter
 from pydantic import SerializeAsAny
 
-from aiaas.api.deps import ModelsReadDep, PlatformDep
+from aiaas.api.deps import ModelPath, ModelsReadDep, PlatformDep
 from aiaas.errors import ModelNotFound
 from aiaas.protocol.openai import Model, ModelList
-from aiaas.protocol.platform import MODEL_REF_PATTERN
 from aiaas.protocol.registry import RegisteredModelPublic
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -35,7 +32,7 @@ def list_models(principal: ModelsReadDep, platform: PlatformDep) -> ModelList:
 
 @router.get("/{model}", response_model=SerializeAsAny[Model])
 def retrieve_model(
-    model: Annotated[str, Path(pattern=MODEL_REF_PATTERN)],
+    model: ModelPath,
     principal: ModelsReadDep,
     platform: PlatformDep,
 ) -> Model:

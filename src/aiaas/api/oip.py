@@ -11,7 +11,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path
 
 from aiaas import __version__
-from aiaas.api.deps import InferenceCtxDep, ModelsReadCtxDep, ModelsReadDep, PlatformDep
+from aiaas.api.deps import (
+    InferenceCtxDep,
+    ModelPath,
+    ModelsReadCtxDep,
+    ModelsReadDep,
+    PlatformDep,
+)
 from aiaas.errors import InvalidRequest
 from aiaas.protocol.oip import (
     InferenceRequest,
@@ -24,12 +30,10 @@ from aiaas.protocol.oip import (
     ServerMetadata,
     TensorMetadata,
 )
-from aiaas.protocol.platform import MODEL_REF_PATTERN
 from aiaas.services.predictions import PredictionService
 
 router = APIRouter(prefix="/v2", tags=["open-inference-protocol"])
 
-ModelName = Annotated[str, Path(pattern=MODEL_REF_PATTERN, description="A deployment name.")]
 VersionPath = Annotated[str, Path(pattern=r"^[0-9]{1,9}$", description="A version number.")]
 
 
@@ -82,14 +86,14 @@ async def _metadata(
 
 @router.get("/models/{name}", response_model=ModelMetadata)
 async def model_metadata(
-    name: ModelName, ctx: ModelsReadCtxDep, predictions: PredictionsDep
+    name: ModelPath, ctx: ModelsReadCtxDep, predictions: PredictionsDep
 ) -> ModelMetadata:
     return await _metadata(predictions, ctx.org_id, name, None)
 
 
 @router.get("/models/{name}/versions/{version}", response_model=ModelMetadata)
 async def model_version_metadata(
-    name: ModelName, version: VersionPath, ctx: ModelsReadCtxDep, predictions: PredictionsDep
+    name: ModelPath, version: VersionPath, ctx: ModelsReadCtxDep, predictions: PredictionsDep
 ) -> ModelMetadata:
     return await _metadata(predictions, ctx.org_id, name, int(version))
 
@@ -103,7 +107,7 @@ async def _ready(
 
 @router.get("/models/{name}/ready", response_model=ModelReady)
 async def model_ready(
-    name: ModelName, ctx: ModelsReadCtxDep, predictions: PredictionsDep
+    name: ModelPath, ctx: ModelsReadCtxDep, predictions: PredictionsDep
 ) -> ModelReady:
     """Whether the model (its target and any canary) is loaded; asking starts loading it."""
     return await _ready(predictions, ctx.org_id, name, None)
@@ -111,7 +115,7 @@ async def model_ready(
 
 @router.get("/models/{name}/versions/{version}/ready", response_model=ModelReady)
 async def model_version_ready(
-    name: ModelName, version: VersionPath, ctx: ModelsReadCtxDep, predictions: PredictionsDep
+    name: ModelPath, version: VersionPath, ctx: ModelsReadCtxDep, predictions: PredictionsDep
 ) -> ModelReady:
     return await _ready(predictions, ctx.org_id, name, int(version))
 
@@ -161,14 +165,14 @@ async def _infer(
 
 @router.post("/models/{name}/infer", response_model=InferenceResponse)
 async def infer(
-    name: ModelName, body: InferenceRequest, ctx: InferenceCtxDep, predictions: PredictionsDep
+    name: ModelPath, body: InferenceRequest, ctx: InferenceCtxDep, predictions: PredictionsDep
 ) -> InferenceResponse:
     return await _infer(predictions, ctx.org_id, name, None, body)
 
 
 @router.post("/models/{name}/versions/{version}/infer", response_model=InferenceResponse)
 async def infer_version(
-    name: ModelName,
+    name: ModelPath,
     version: VersionPath,
     body: InferenceRequest,
     ctx: InferenceCtxDep,

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Path
 from fastapi.responses import StreamingResponse
 
-from aiaas.api.deps import After, Limit, ModelsReadCtxDep, PlatformDep, TrainingDep
-from aiaas.protocol.platform import MODEL_REF_PATTERN, ListResponse
+from aiaas.api.deps import (
+    After,
+    Limit,
+    ModelPath,
+    ModelsReadCtxDep,
+    RegistryDep,
+    TrainingDep,
+)
+from aiaas.protocol.platform import ListResponse
 from aiaas.protocol.registry import ModelDeleted, ModelVersionPublic
-from aiaas.services.registry import RegistryService
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
-ModelName = Annotated[str, Path(pattern=MODEL_REF_PATTERN, description="A model id.")]
 VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1, description="A version number.")]
 ArtifactName = Annotated[
     str, Path(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="An artifact's file name.")
@@ -27,16 +32,9 @@ _MEDIA_TYPES = {
 }
 
 
-def get_registry(platform: PlatformDep) -> RegistryService:
-    return platform.registry
-
-
-RegistryDep = Annotated[RegistryService, Depends(get_registry)]
-
-
 @router.get("/{model}/versions", response_model=ListResponse[ModelVersionPublic])
 def list_versions(
-    model: ModelName,
+    model: ModelPath,
     ctx: ModelsReadCtxDep,
     registry: RegistryDep,
     after: After = None,
@@ -49,7 +47,7 @@ def list_versions(
 
 @router.get("/{model}/versions/{version}", response_model=ModelVersionPublic)
 def retrieve_version(
-    model: ModelName, version: VersionNumber, ctx: ModelsReadCtxDep, registry: RegistryDep
+    model: ModelPath, version: VersionNumber, ctx: ModelsReadCtxDep, registry: RegistryDep
 ) -> ModelVersionPublic:
     found = registry.get_version(org_id=ctx.org_id, model_id=model, version=version)
     return ModelVersionPublic.from_domain(found)
@@ -61,7 +59,7 @@ def retrieve_version(
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
 def download_artifact(
-    model: ModelName,
+    model: ModelPath,
     version: VersionNumber,
     name: ArtifactName,
     ctx: ModelsReadCtxDep,
@@ -82,7 +80,7 @@ def download_artifact(
 
 
 @router.delete("/{model}", response_model=ModelDeleted)
-def delete_model(model: ModelName, ctx: TrainingDep, registry: RegistryDep) -> ModelDeleted:
+def delete_model(model: ModelPath, ctx: TrainingDep, registry: RegistryDep) -> ModelDeleted:
     """Delete a trained model with all its versions (OpenAI: delete a fine-tuned model)."""
     registry.delete_model(org_id=ctx.org_id, model_id=model, actor=ctx.actor)
     return ModelDeleted(id=model)

@@ -444,15 +444,7 @@ def _register(
         "input_names": list(model.input_names),
         "output_name": "logits",
         "classes": data.spec.label.classes if data.spec.label else None,
-        "input_shape": {
-            "tabular_dim": data.shape.tabular_dim,
-            "text_column": data.shape.text_column,
-            "text_vocab_size": data.shape.text_vocab_size,
-            "text_length": data.shape.text_length,
-            "text_tokenizer": data.shape.text_tokenizer,
-            "image_shape": list(data.shape.image_shape) if data.shape.image_shape else None,
-            "n_outputs": data.shape.n_outputs,
-        },
+        "input_shape": dataclasses.asdict(data.shape),
     }
     with storage.db.read() as conn:
         dataset_version = datasets_repo.get_version_by_id(
