@@ -1,0 +1,153 @@
+"""`aiaas models` and `aiaas deploy`: trained models, their versions and aliases, deployments."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from aiaas.cli.remote import ApiKey, AsJson, BaseUrl, checked, client
+
+models_app = typer.Typer(
+    help="Models: served and trained, versions, aliases.", no_args_is_help=True
+)
+deployments_app = typer.Typer(help="Deployments of trained models.", no_args_is_help=True)
+
+
+def _path(model: str) -> str:
+    return f"/v1/models/{quote(model, safe=':')}"
+
+
+def _cells(*values: object) -> list[Text]:
+    """Table cells as plain text: names are user input, never rich markup."""
+    return [Text("" if v is None else str(v)) for v in values]
+
+
+@models_app.command("list")
+def models_list(base_url: BaseUrl = None, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+    """Every model this key can use: bundled, trained and deployed."""
+    with client(base_url, api_key) as http:
+        found = checked(http.get("/v1/models"))["data"]
+    if as_json:
+        typer.echo(json.dumps(found))
+        return
+    table = Table("id", "owned by", "task", "latest version")
+    for model in found:
+        table.add_row(
+            *_cells(model["id"], model["owned_by"], model.get("task"), model.get("latest_version"))
+        )
+    Console(soft_wrap=True).print(table)
+
+
+@models_app.command("versions")
+def models_versions(
+    model: Annotated[str, typer.Argument(help="A trained model's id (ft:...).")],
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """A trained model's versions with their headline test metrics and lineage."""
+    with client(base_url, api_key) as http:
+        versions = checked(http.get(f"{_path(model)}/versions", params={"limit": 100}))["data"]
+        aliases = checked(http.get(f"{_path(model)}/aliases"))["data"]
+    if as_json:
+        typer.echo(json.dumps({"versions": versions, "aliases": aliases}))
+        return
+    named: dict[int, list[str]] = {}
+    for alias in aliases:
+        named.setdefault(alias["version"], []).append(alias["alias"])
+    table = Table("version", "aliases", "metrics", "dataset version", "job")
+    for version in versions:
+        summary = version["metrics"].get("summary") or {}
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if v is not None)
+        table.add_row(
+            *_cells(
+                version["version"],
+                ", ".join(named.get(version["version"], [])),
+                metrics,
+                version["dataset_version_id"],
+                version["job_id"],
+            )
+        )
+    Console(soft_wrap=True).print(table)
+
+
+@models_app.command("alias")
+def models_alias(
+    model: Annotated[str, typer.Argument(help="A trained model's id.")],
+    alias: Annotated[str, typer.Argument(help="The alias, e.g. production.")],
+    version: Annotated[int, typer.Argument(help="The version it should name.")],
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Point an alias at a version; deployments serving it switch at their next request."""
+    with client(base_url, api_key) as http:
+        found = checked(
+            http.put(f"{_path(model)}/aliases/{quote(alias)}", json={"version": version})
+        )
+    Console().print(Text(f"{found['model']}: {found['alias']} -> version {found['version']}"))
+
+
+def deploy(
+    model: Annotated[str, typer.Argument(help="A trained model's id (ft:...).")],
+    version: Annotated[int | None, typer.Option(help="Serve this version.")] = None,
+    alias: Annotated[str | None, typer.Option(help="Serve whatever this alias names.")] = None,
+    name: Annotated[str | None, typer.Option(help="The served name (default: model id).")] = None,
+    canary_version: Annotated[int | None, typer.Option(help="A canary version.")] = None,
+    canary_percent: Annotated[float, typer.Option(help="Share of requests it answers.")] = 10.0,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Serve a trained model (its latest version unless --version or --alias says otherwise)."""
+    body: dict[str, Any] = {"model": model}
+    for key, value in (("version", version), ("alias", alias), ("name", name)):
+        if value is not None:
+            body[key] = value
+    if canary_version is not None:
+        body["canary"] = {"version": canary_version, "percent": canary_percent}
+    with client(base_url, api_key) as http:
+        created = checked(http.post("/v1/deployments", json=body))
+    if as_json:
+        typer.echo(json.dumps(created))
+        return
+    target = created["target"]
+    what = f"version {target['version']}" if target["version"] else f"alias {target['alias']}"
+    line = f"{created['id']}  serving {created['model']} ({what}) as {created['name']}"
+    Console().print(Text(line))
+
+
+@deployments_app.command("list")
+def deployments_list(
+    base_url: BaseUrl = None, api_key: ApiKey = None, as_json: AsJson = False
+) -> None:
+    with client(base_url, api_key) as http:
+        found = checked(http.get("/v1/deployments", params={"limit": 100}))["data"]
+    if as_json:
+        typer.echo(json.dumps(found))
+        return
+    table = Table("id", "name", "model", "target", "canary")
+    for d in found:
+        target = d["target"]["version"] or d["target"]["alias"]
+        canary = d["canary"]
+        canary_text = (
+            f"{canary['version'] or canary['alias']} ({canary['percent']:g}%)" if canary else ""
+        )
+        table.add_row(*_cells(d["id"], d["name"], d["model"], target, canary_text))
+    Console(soft_wrap=True).print(table)
+
+
+@deployments_app.command("delete")
+def deployments_delete(
+    deployment_id: Annotated[str, typer.Argument(help="A deployment id (dep_...).")],
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    with client(base_url, api_key) as http:
+        checked(http.delete(f"/v1/deployments/{quote(deployment_id)}"))
+    Console().print(Text(f"{deployment_id} deleted"))
