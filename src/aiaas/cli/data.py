@@ -21,7 +21,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from aiaas.cli.remote import ApiKey, AsJson, BaseUrl, checked, client
+from aiaas.cli.remote import ApiKey, AsJson, BaseUrl, cells, checked, client
 
 files_app = typer.Typer(help="Files (the OpenAI Files API).", no_args_is_help=True)
 datasets_app = typer.Typer(help="Datasets: versioned tables made from files.", no_args_is_help=True)
@@ -104,7 +104,7 @@ def files_list(
         return
     table = Table("id", "filename", "purpose", "bytes")
     for f in files:
-        table.add_row(*_cells(f["id"], f["filename"], f["purpose"], str(f["bytes"])))
+        table.add_row(*cells(f["id"], f["filename"], f["purpose"], str(f["bytes"])))
     Console().print(table)
 
 
@@ -151,7 +151,7 @@ def datasets_list(
         return
     table = Table("id", "name", "latest version", "description")
     for d in datasets:
-        table.add_row(*_cells(d["id"], d["name"], str(d["latest_version"]), d["description"]))
+        table.add_row(*cells(d["id"], d["name"], str(d["latest_version"]), d["description"]))
     Console().print(table)
 
 
@@ -189,7 +189,7 @@ def _show(dataset: dict[str, Any], version: dict[str, Any]) -> None:
     table = Table("column", "type", "missing", "unique")
     for column in version["columns"]:
         table.add_row(
-            *_cells(column["name"], column["type"], str(column["missing"]), str(column["unique"]))
+            *cells(column["name"], column["type"], str(column["missing"]), str(column["unique"]))
         )
     console.print(table)
     if version["class_balance"]:
@@ -197,8 +197,3 @@ def _show(dataset: dict[str, Any], version: dict[str, Any]) -> None:
     if version["pii"]:
         found = {c["column"]: c["counts"] for c in version["pii"]["columns"] if c["counts"]}
         console.print(Text(f"PII redacted: {found or 'none found'}"))
-
-
-def _cells(*values: str | None) -> list[Text]:
-    """Table cells as plain text: names and descriptions are user input, never rich markup."""
-    return [Text("" if v is None else str(v)) for v in values]

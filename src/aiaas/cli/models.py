@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from aiaas.cli.remote import ApiKey, AsJson, BaseUrl, checked, client
+from aiaas.cli.remote import ApiKey, AsJson, BaseUrl, cells, checked, client
 
 models_app = typer.Typer(
     help="Models: served and trained, versions, aliases.", no_args_is_help=True
@@ -21,11 +21,6 @@ deployments_app = typer.Typer(help="Deployments of trained models.", no_args_is_
 
 def _path(model: str) -> str:
     return f"/v1/models/{quote(model, safe=':')}"
-
-
-def _cells(*values: object) -> list[Text]:
-    """Table cells as plain text: names are user input, never rich markup."""
-    return [Text("" if v is None else str(v)) for v in values]
 
 
 @models_app.command("list")
@@ -39,7 +34,7 @@ def models_list(base_url: BaseUrl = None, api_key: ApiKey = None, as_json: AsJso
     table = Table("id", "owned by", "task", "latest version")
     for model in found:
         table.add_row(
-            *_cells(model["id"], model["owned_by"], model.get("task"), model.get("latest_version"))
+            *cells(model["id"], model["owned_by"], model.get("task"), model.get("latest_version"))
         )
     Console(soft_wrap=True).print(table)
 
@@ -66,7 +61,7 @@ def models_versions(
         summary = version["metrics"].get("summary") or {}
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if v is not None)
         table.add_row(
-            *_cells(
+            *cells(
                 version["version"],
                 ", ".join(named.get(version["version"], [])),
                 metrics,
@@ -138,7 +133,7 @@ def deployments_list(
         canary_text = (
             f"{canary['version'] or canary['alias']} ({canary['percent']:g}%)" if canary else ""
         )
-        table.add_row(*_cells(d["id"], d["name"], d["model"], target, canary_text))
+        table.add_row(*cells(d["id"], d["name"], d["model"], target, canary_text))
     Console(soft_wrap=True).print(table)
 
 

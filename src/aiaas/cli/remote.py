@@ -15,6 +15,7 @@ import httpx
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 
@@ -66,3 +67,8 @@ def checked(response: httpx.Response) -> Any:
         f"[red]error ({response.status_code}):[/red] {escape(str(message))}", soft_wrap=True
     )
     raise typer.Exit(code=1)
+
+
+def cells(*values: object) -> list[Text]:
+    """Table cells as plain text: names and descriptions are user input, never rich markup."""
+    return [Text("" if value is None else str(value)) for value in values]
