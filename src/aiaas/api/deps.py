@@ -16,6 +16,7 @@ from aiaas.platform import Platform
 from aiaas.protocol.platform import MODEL_REF_PATTERN
 from aiaas.services.audit import AuditService
 from aiaas.services.keys import KeyService
+from aiaas.services.predictions import PredictionService
 from aiaas.services.registry import RegistryService
 from aiaas.services.tenancy import TenancyService
 
@@ -151,6 +152,13 @@ def get_registry(platform: PlatformDep) -> RegistryService:
 
 
 RegistryDep = Annotated[RegistryService, Depends(get_registry)]
+
+
+def get_predictions(platform: PlatformDep) -> PredictionService:
+    return platform.predictions
+
+
+PredictionsDep = Annotated[PredictionService, Depends(get_predictions)]
 
 # A model id or deployment name in a path.
 ModelPath = Annotated[str, Path(pattern=MODEL_REF_PATTERN, description="A model id.")]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Path
 
 from aiaas import __version__
 from aiaas.api.deps import (
@@ -17,6 +17,7 @@ from aiaas.api.deps import (
     ModelsReadCtxDep,
     ModelsReadDep,
     PlatformDep,
+    PredictionsDep,
 )
 from aiaas.errors import InvalidRequest
 from aiaas.protocol.oip import (
@@ -35,13 +36,6 @@ from aiaas.services.predictions import PredictionService
 router = APIRouter(prefix="/v2", tags=["open-inference-protocol"])
 
 VersionPath = Annotated[str, Path(pattern=r"^[0-9]{1,9}$", description="A version number.")]
-
-
-def get_predictions(platform: PlatformDep) -> PredictionService:
-    return platform.predictions
-
-
-PredictionsDep = Annotated[PredictionService, Depends(get_predictions)]
 
 
 @router.get("", response_model=ServerMetadata)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from aiaas.api.deps import InferenceCtxDep
-from aiaas.api.oip import PredictionsDep
+from aiaas.api.deps import InferenceCtxDep, PredictionsDep
 from aiaas.protocol.predictions import PredictionItem, PredictionRequest, PredictionResponse
 
 router = APIRouter(prefix="/v1/predictions", tags=["predictions"])

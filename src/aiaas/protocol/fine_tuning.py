@@ -73,27 +73,25 @@ class JobCreate(Request):
         description="Register the result as a new version of this existing model.",
     )
 
+    @property
+    def _method_hyperparameters(self) -> HyperparameterChoices | None:
+        """OpenAI's newer spelling: `method.supervised.hyperparameters`."""
+        supervised = self.method.supervised if self.method else None
+        return supervised.hyperparameters if supervised else None
+
     @model_validator(mode="after")
     def _one_place_for_hyperparameters(self) -> JobCreate:
-        from_method = (
-            self.method.supervised.hyperparameters
-            if self.method and self.method.supervised
-            else None
-        )
-        if from_method is not None and self.hyperparameters is not None:
+        if self._method_hyperparameters is not None and self.hyperparameters is not None:
             raise ValueError("give hyperparameters either at the top level or in method, not both")
         return self
 
     def request(self) -> JobRequest:
-        from_method = (
-            self.method.supervised.hyperparameters
-            if self.method and self.method.supervised
-            else None
-        )
         return JobRequest(
             model=self.model,
             training_file=self.training_file,
-            hyperparameters=self.hyperparameters or from_method or HyperparameterChoices(),
+            hyperparameters=self.hyperparameters
+            or self._method_hyperparameters
+            or HyperparameterChoices(),
             architecture=self.architecture or ArchitectureOptions(),
             task=Task(self.task) if self.task else None,
             target_column=self.target_column,

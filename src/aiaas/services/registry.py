@@ -144,10 +144,7 @@ class RegistryService:
 
     def get_model(self, *, org_id: str, model_id: str) -> RegisteredModel:
         with self._db.read() as conn:
-            found = repo.get_model(conn, org_id=org_id, model_id=model_id)
-        if found is None:
-            raise NotFound(f"The model '{model_id}' does not exist.", param="model")
-        return found
+            return self._model_in(conn, org_id, model_id)
 
     def find_model(self, *, org_id: str, model_id: str) -> RegisteredModel | None:
         with self._db.read() as conn:
@@ -277,9 +274,7 @@ class RegistryService:
 
     def delete_model(self, *, org_id: str, model_id: str, actor: Actor) -> None:
         with self._db.write() as conn:
-            model = repo.get_model(conn, org_id=org_id, model_id=model_id)
-            if model is None:
-                raise NotFound(f"The model '{model_id}' does not exist.", param="model")
+            model = self._model_in(conn, org_id, model_id)
             serving = deployments_repo.count_serving(conn, model_id=model_id)
             if serving:
                 raise Conflict(

@@ -14,6 +14,7 @@ runner only sees handles with an exit code.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -172,7 +173,7 @@ class JobRunner:
                     expected=[JobStatus.RUNNING],
                     status=JobStatus.FAILED,
                     held_by=token,
-                    error=_json(error),
+                    error=json.dumps(error),
                 )
                 if done:
                     repo.add_event(conn, job_id=job_id, level="error", message=error["message"])
@@ -209,9 +210,3 @@ def _describe_exit(code: int) -> str:
             name = f"signal {-code}"
         return f"killed by {name}"
     return f"exit status {code}"
-
-
-def _json(value: dict[str, object]) -> str:
-    import json
-
-    return json.dumps(value)
