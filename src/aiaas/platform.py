@@ -22,7 +22,7 @@ from aiaas.engines.pool import EmbedderSpec, LlmSpec, ModelPool
 from aiaas.errors import ConfigurationError
 from aiaas.observability.metrics import Metrics
 from aiaas.scheduling.batcher import BatcherConfig
-from aiaas.scheduling.fair import WeightedFairPolicy
+from aiaas.scheduling.fair import make_policy
 from aiaas.services.audit import AuditService
 from aiaas.services.datasets import DatasetService
 from aiaas.services.deployments import DeploymentService
@@ -116,7 +116,7 @@ class Platform:
                     max_queued_items=65536,
                 ),
                 threads=settings.classic_threads,
-                policy=WeightedFairPolicy,
+                policy=functools.partial(make_policy, settings.scheduling),
             ),
             metrics,
             threads=settings.classic_threads,
@@ -130,7 +130,8 @@ class Platform:
                 n_batch=settings.llm_batch,
                 n_threads=settings.llm_threads,
                 max_waiting=settings.llm_max_waiting,
-            )
+            ),
+            scheduling=settings.scheduling,
         )
         metrics.watch_engines(lambda: [(m.id, m.engine.stats()) for m in pool.llms()])
         return cls(
@@ -158,6 +159,7 @@ class Platform:
                         max_batch_items=settings.embeddings_max_batch,
                         max_wait_ms=settings.embeddings_max_wait_ms,
                     ),
+                    scheduling=settings.scheduling,
                 ),
             ),
             jobs=jobs,

@@ -128,6 +128,11 @@ class Settings(BaseSettings):
     job_heartbeat_timeout_s: float = Field(
         default=60.0, ge=2, description="A running job without a heartbeat this long is requeued."
     )
+    scheduling: Literal["fair", "fifo"] = Field(
+        default="fair",
+        description="Admission order in the engines and batchers: weighted fair between "
+        "organisations, or first come, first served.",
+    )
     job_max_attempts: int = Field(
         default=3, ge=1, le=100, description="Workers a job may lose before it fails."
     )

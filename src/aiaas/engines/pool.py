@@ -23,7 +23,7 @@ from aiaas.engines.llm.engine import EngineConfig, LlmEngine
 from aiaas.engines.llm.model import LlamaModel
 from aiaas.errors import ConfigurationError, InvalidRequest, ModelNotFound, ServiceUnavailable
 from aiaas.scheduling.batcher import BatcherConfig, DynamicBatcher
-from aiaas.scheduling.fair import WeightedFairPolicy
+from aiaas.scheduling.fair import SchedulingMode, make_policy
 
 log = logging.getLogger("aiaas.engines.pool")
 
@@ -76,6 +76,7 @@ class EmbedderSpec:
 @dataclass
 class ModelPool:
     config: EngineConfig
+    scheduling: SchedulingMode = "fair"
     _llms: dict[str, LoadedLlm] = field(default_factory=dict)
     _embedders: dict[str, LoadedEmbedder] = field(default_factory=dict)
     _loading: set[str] = field(default_factory=set)
@@ -111,7 +112,7 @@ class ModelPool:
     def load_llm(self, spec: LlmSpec) -> LoadedLlm:
         started = time.perf_counter()
         model = LlamaModel(spec.locate())
-        engine = LlmEngine(model, self.config, name=spec.id, policy=WeightedFairPolicy())
+        engine = LlmEngine(model, self.config, name=spec.id, policy=make_policy(self.scheduling))
         try:
             engine.start()
         except BaseException:
@@ -144,7 +145,7 @@ class ModelPool:
             size=len,
             config=spec.batch,
             name=spec.id,
-            policy=WeightedFairPolicy(),
+            policy=make_policy(self.scheduling),
         )
         batcher.start()
         loaded = LoadedEmbedder(

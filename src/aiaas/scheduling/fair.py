@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -137,3 +137,11 @@ class WeightedFairPolicy(Generic[T]):
 
     def __len__(self) -> int:
         return self._size
+
+
+SchedulingMode = Literal["fair", "fifo"]
+
+
+def make_policy(mode: SchedulingMode) -> AdmissionPolicy[T]:
+    """A fresh policy: weighted fair between tenants, or first come, first served."""
+    return WeightedFairPolicy() if mode == "fair" else FifoPolicy()

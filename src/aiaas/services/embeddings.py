@@ -18,7 +18,7 @@ from aiaas.errors import InvalidRequest, ModelNotFound
 from aiaas.observability.metrics import Metrics
 from aiaas.protocol.openai import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from aiaas.scheduling.batcher import BatcherConfig, DynamicBatcher
-from aiaas.scheduling.fair import WeightedFairPolicy
+from aiaas.scheduling.fair import SchedulingMode, make_policy
 from aiaas.services.deployments import DeploymentService
 from aiaas.services.registry import RegistryService
 
@@ -41,7 +41,9 @@ class DeployedEncoders:
         threads: int,
         batch: BatcherConfig,
         capacity: int = 4,
+        scheduling: SchedulingMode = "fair",
     ) -> None:
+        self._scheduling: SchedulingMode = scheduling
         self._deployments = deployments
         self._registry = registry
         self._threads = threads
@@ -88,7 +90,7 @@ class DeployedEncoders:
             size=len,
             config=self._batch,
             name=f"embeddings-{version.id}",
-            policy=WeightedFairPolicy(),
+            policy=make_policy(self._scheduling),
         )
         batcher.start()
         return LoadedEmbedder(
