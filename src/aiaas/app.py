@@ -32,6 +32,7 @@ from aiaas.api import (
     predictions,
     projects,
     registry,
+    usage,
 )
 from aiaas.api.errors import install_error_handlers
 from aiaas.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
@@ -69,6 +70,7 @@ def create_app(settings: Settings) -> FastAPI:
             if issued is not None:
                 _announce_admin_key(issued, settings)
             platform.start_models()
+            platform.start_metering()
             platform.start_jobs()
             app.state.platform = platform
             yield
@@ -105,6 +107,7 @@ def create_app(settings: Settings) -> FastAPI:
         projects.router,
         api_keys.router,
         audit.router,
+        usage.router,
     ):
         app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -40,12 +40,61 @@ ROLES: dict[str, frozenset[Scope]] = {
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimits:
+    """Caps on one organisation, project or key; None: no cap at that level."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_concurrent_requests: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return (
+            self.requests_per_minute is None
+            and self.tokens_per_minute is None
+            and self.max_concurrent_requests is None
+        )
+
+    def to_dict(self) -> dict[str, int]:
+        return {k: v for k, v in _fields(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> RateLimits:
+        return cls(**{k: data.get(k) for k in _fields(cls())}) if data else cls()
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """An organisation's allowance per calendar month (UTC); None: unlimited."""
+
+    monthly_tokens: int | None = None
+    monthly_requests: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.monthly_tokens is None and self.monthly_requests is None
+
+    def to_dict(self) -> dict[str, int]:
+        return {k: v for k, v in _fields(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Quotas:
+        return cls(**{k: data.get(k) for k in _fields(cls())}) if data else cls()
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return {name: getattr(obj, name) for name in obj.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
 class Organization:
     id: str
     name: str
     weight: float
     created_at: float
     redact_pii: bool = False
+    rate_limits: RateLimits = RateLimits()
+    quotas: Quotas = Quotas()
 
 
 class ProjectStatus(StrEnum):
@@ -62,6 +111,7 @@ class Project:
     status: ProjectStatus
     created_at: float
     archived_at: float | None
+    rate_limits: RateLimits = RateLimits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +129,7 @@ class ApiKey:
     expires_at: float | None
     revoked_at: float | None
     last_used_at: float | None
+    rate_limits: RateLimits = RateLimits()
 
     @property
     def redacted_value(self) -> str:
@@ -94,6 +145,15 @@ class IssuedKey:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitLevel:
+    """The rate limits of one level a request counts against: its org, project or key."""
+
+    level: str  # "org", "project", "key"
+    id: str
+    limits: RateLimits
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
     """Who is calling: the authenticated key and what it may do."""
 
@@ -101,6 +161,11 @@ class Principal:
     org_id: str | None
     project_id: str | None
     scopes: frozenset[Scope]
+    # What admission needs, read with the key so a request costs no further lookups: the
+    # organisation's scheduling weight, its quotas, and the limits at each level that has some.
+    weight: float = 1.0
+    limits: tuple[LimitLevel, ...] = ()
+    quotas: Quotas = Quotas()
 
     @property
     def is_platform_admin(self) -> bool:
@@ -341,3 +406,48 @@ class Deployment:
     canary_percent: float
     created_at: float
     updated_at: float
+
+
+# -- usage ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """One metered request."""
+
+    org_id: str
+    project_id: str | None
+    key_id: str | None
+    model: str
+    endpoint: str
+    status: int
+    prompt_tokens: int
+    completion_tokens: int
+    items: int
+    latency_ms: float
+    request_id: str | None
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class UsageGroup:
+    bucket: int  # index of the bucket from the summary's start
+    keys: dict[str, str | None]
+    requests: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    items: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageBucket:
+    start: int
+    end: int
+    groups: list[UsageGroup]
+
+
+@dataclass(frozen=True, slots=True)
+class UsagePage:
+    buckets: list[UsageBucket]
+    next_start: int | None  # where the next page starts, if the range goes on

@@ -12,6 +12,7 @@ ApiError                         -> {"error": {"message", "type", "param", "code
 ├── PayloadTooLarge       413    request_too_large
 ├── UnsupportedMediaType  415    unsupported_media_type
 ├── RateLimited           429    rate_limit_exceeded (+ Retry-After)
+│   └── InsufficientQuota        429 insufficient_quota: the month's quota is spent
 ├── ServerError           500    server_error
 │   └── BlobIntegrityError       500 a stored blob failed authentication
 └── ServiceUnavailable    503    not ready yet
@@ -105,6 +106,11 @@ class RateLimited(ApiError):
     status = 429
     type = "requests"
     code = "rate_limit_exceeded"
+
+
+class InsufficientQuota(RateLimited):
+    type = "insufficient_quota"
+    code = "insufficient_quota"
 
 
 class ServerError(ApiError):

@@ -31,9 +31,12 @@ from aiaas.services.files import FileService
 from aiaas.services.inference import InferenceService
 from aiaas.services.jobs import JobService
 from aiaas.services.keys import KeyService
+from aiaas.services.limits import RateLimiter
+from aiaas.services.metering import Metering
 from aiaas.services.predictions import PredictionService
 from aiaas.services.registry import RegistryService
 from aiaas.services.tenancy import TenancyService
+from aiaas.services.usage import UsageMeter
 from aiaas.settings import BUNDLED_MODELS, Settings
 from aiaas.storage.blobs import EncryptedBlobStore
 from aiaas.storage.crypto import KeyRing
@@ -78,6 +81,7 @@ class Platform:
     registry: RegistryService
     deployments: DeploymentService
     predictions: PredictionService
+    metering: Metering
     runner: JobRunner | None = None
 
     @classmethod
@@ -134,6 +138,13 @@ class Platform:
             scheduling=settings.scheduling,
         )
         metrics.watch_engines(lambda: [(m.id, m.engine.stats()) for m in pool.llms()])
+        metrics.watch_batchers(
+            lambda: [
+                *((m.id, m.batcher.stats()) for m in pool.embedders()),
+                *predictions.batcher_stats(),
+            ]
+        )
+        metrics.watch_jobs(jobs.counts_by_state)
         return cls(
             settings=settings,
             db=db,
@@ -166,6 +177,11 @@ class Platform:
             registry=registry,
             deployments=deployments,
             predictions=predictions,
+            metering=Metering(
+                RateLimiter.from_url(settings.redis_url),
+                UsageMeter(db, flush_interval_s=settings.usage_flush_interval_s),
+                metrics,
+            ),
         )
 
     def start_models(self) -> None:
@@ -173,6 +189,10 @@ class Platform:
         specs = model_specs(self.settings)
         self.readiness.loading.update(spec.id for spec in specs)
         self.pool.load_in_background(specs, on_done=self.readiness.loading.discard)
+
+    def start_metering(self) -> None:
+        """Write usage records in the background (the server only)."""
+        self.metering.meter.start()
 
     def start_jobs(self) -> None:
         """Run queued training jobs in worker processes (the server only, not the CLI)."""
@@ -202,6 +222,7 @@ class Platform:
     def close(self) -> None:
         if self.runner is not None:
             self.runner.close()
+        self.metering.meter.close()
         self.predictions.close()
         self.embeddings.close()
         self.pool.close()

@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     job_heartbeat_timeout_s: float = Field(
         default=60.0, ge=2, description="A running job without a heartbeat this long is requeued."
     )
+    usage_flush_interval_s: float = Field(
+        default=1.0, gt=0, le=60, description="Most seconds usage records wait to be written."
+    )
     scheduling: Literal["fair", "fifo"] = Field(
         default="fair",
         description="Admission order in the engines and batchers: weighted fair between "

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from aiaas.api.deps import ID_PATTERN, After, KeysDep, Limit, OrgContextDep, path_id
-from aiaas.domain import ROLES, Scope
+from aiaas.domain import ROLES, RateLimits, Scope
 from aiaas.ids import now
 from aiaas.protocol.platform import ApiKeyCreate, ApiKeyCreated, ApiKeyPublic, ListResponse
 from aiaas.services.keys import KeySpec
@@ -23,7 +23,12 @@ def _spec(body: ApiKeyCreate) -> KeySpec:
     else:
         scopes = ROLES[body.role or "developer"]
     expires_at = now() + body.expires_in if body.expires_in is not None else None
-    return KeySpec(name=body.name, scopes=scopes, expires_at=expires_at)
+    return KeySpec(
+        name=body.name,
+        scopes=scopes,
+        expires_at=expires_at,
+        rate_limits=body.rate_limits.to_domain() if body.rate_limits else RateLimits(),
+    )
 
 
 @router.post("", response_model=ApiKeyCreated, status_code=status.HTTP_201_CREATED)

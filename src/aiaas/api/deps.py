@@ -16,6 +16,7 @@ from aiaas.platform import Platform
 from aiaas.protocol.platform import MODEL_REF_PATTERN
 from aiaas.services.audit import AuditService
 from aiaas.services.keys import KeyService
+from aiaas.services.metering import MeteredCall
 from aiaas.services.predictions import PredictionService
 from aiaas.services.registry import RegistryService
 from aiaas.services.tenancy import TenancyService
@@ -145,6 +146,22 @@ TrainingDep = Annotated[OrgContext, Depends(org_context(Scope.TRAINING))]
 ModelsReadCtxDep = Annotated[OrgContext, Depends(org_context(Scope.MODELS_READ))]
 DeployDep = Annotated[OrgContext, Depends(org_context(Scope.DEPLOY))]
 InferenceCtxDep = Annotated[OrgContext, Depends(org_context(Scope.INFERENCE))]
+
+
+def metered(endpoint: str) -> Callable[..., Awaitable[MeteredCall]]:
+    """A dependency for the inference routes: the caller has `inference`, is within its
+    quota and rate limits, and its usage is recorded when the response ends."""
+
+    async def begin(
+        request: Request,
+        principal: Principal = Depends(require(Scope.INFERENCE)),
+        platform: Platform = Depends(get_platform),
+    ) -> MeteredCall:
+        call = await platform.metering.begin(principal, endpoint)
+        request.state.metered = call  # the request middleware ends it after the response
+        return call
+
+    return begin
 
 
 def get_registry(platform: PlatformDep) -> RegistryService:

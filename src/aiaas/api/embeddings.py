@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
-from aiaas.api.deps import PlatformDep, require
-from aiaas.domain import Principal, Scope
+from aiaas.api.deps import PlatformDep, metered
 from aiaas.protocol.openai import EmbeddingList, EmbeddingRequest
 from aiaas.services.embeddings import EmbeddingService
+from aiaas.services.metering import MeteredCall
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -21,7 +21,10 @@ def get_embeddings(platform: PlatformDep) -> EmbeddingService:
 @router.post("/embeddings", response_model=EmbeddingList)
 async def create_embeddings(
     body: EmbeddingRequest,
-    principal: Annotated[Principal, Depends(require(Scope.INFERENCE))],
+    call: Annotated[MeteredCall, Depends(metered("embeddings"))],
     embeddings: Annotated[EmbeddingService, Depends(get_embeddings)],
 ) -> EmbeddingList:
-    return await embeddings.embed(principal, body)
+    call.model = body.model
+    result = await embeddings.embed(call.principal, body)
+    call.count(model=body.model, prompt_tokens=result.usage.prompt_tokens, items=len(result.data))
+    return result

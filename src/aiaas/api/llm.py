@@ -15,9 +15,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from aiaas.api.deps import PlatformDep, require
+from aiaas.api.deps import PlatformDep, metered
 from aiaas.api.sse import event_stream
-from aiaas.domain import Principal, Scope
 from aiaas.engines.llm.params import Delta, Final, FinishReason, TokenLogprob
 from aiaas.protocol.openai import (
     AssistantMessage,
@@ -39,10 +38,12 @@ from aiaas.protocol.openai import (
 )
 from aiaas.protocol.openai import TokenLogprob as WireTokenLogprob
 from aiaas.services.inference import Generations, InferenceService
+from aiaas.services.metering import MeteredCall
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
-InferenceDep = Annotated[Principal, Depends(require(Scope.INFERENCE))]
+ChatCallDep = Annotated[MeteredCall, Depends(metered("chat.completions"))]
+CompletionCallDep = Annotated[MeteredCall, Depends(metered("completions"))]
 
 
 def get_inference(platform: PlatformDep) -> InferenceService:
@@ -56,7 +57,10 @@ def _finish(reason: FinishReason) -> str:
     return "stop" if reason is FinishReason.CANCELLED else reason.value
 
 
-def _usage(gens: Generations, completion_tokens: int) -> Usage:
+def _usage(gens: Generations, completion_tokens: int, call: MeteredCall) -> Usage:
+    call.count(
+        model=gens.model_id, prompt_tokens=gens.prompt_tokens, completion_tokens=completion_tokens
+    )
     return Usage(
         prompt_tokens=gens.prompt_tokens,
         completion_tokens=completion_tokens,
@@ -133,9 +137,10 @@ class DeltaTemplate:
 
 
 class ChatServing:
-    def __init__(self, body: ChatCompletionRequest, gens: Generations) -> None:
+    def __init__(self, body: ChatCompletionRequest, gens: Generations, call: MeteredCall) -> None:
         self.body = body
         self.gens = gens
+        self.call = call
         self.id = new_completion_id("chatcmpl")
         self.created = now_s()
         self.delta = DeltaTemplate(
@@ -162,7 +167,7 @@ class ChatServing:
             created=self.created,
             model=self.gens.model_id,
             choices=choices,
-            usage=_usage(self.gens, completion),
+            usage=_usage(self.gens, completion, self.call),
         )
 
     def _chunk(
@@ -215,19 +220,21 @@ class ChatServing:
                     )
                 ]
             )
+        usage = _usage(self.gens, completion, self.call)
         if self.body.stream_options and self.body.stream_options.include_usage:
-            yield self._chunk([], usage=_usage(self.gens, completion))
+            yield self._chunk([], usage=usage)
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def create_chat_completion(
     body: ChatCompletionRequest,
     request: Request,
-    principal: InferenceDep,
+    call: ChatCallDep,
     inference: InferenceServiceDep,
 ) -> ChatCompletion | StreamingResponse:
-    gens = await inference.chat(principal, body)
-    serving = ChatServing(body, gens)
+    call.model = body.model
+    gens = await inference.chat(call.principal, body)
+    serving = ChatServing(body, gens, call)
     if body.stream:
         return event_stream(serving.stream())
     return await serving.full(request)
@@ -237,9 +244,10 @@ async def create_chat_completion(
 
 
 class CompletionServing:
-    def __init__(self, body: CompletionRequest, gens: Generations) -> None:
+    def __init__(self, body: CompletionRequest, gens: Generations, call: MeteredCall) -> None:
         self.body = body
         self.gens = gens
+        self.call = call
         self.id = new_completion_id("cmpl")
         self.created = now_s()
         self.delta = DeltaTemplate(
@@ -282,7 +290,7 @@ class CompletionServing:
             created=self.created,
             model=self.gens.model_id,
             choices=choices,
-            usage=_usage(self.gens, completion),
+            usage=_usage(self.gens, completion, self.call),
         )
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
@@ -322,19 +330,21 @@ class CompletionServing:
                     )
                 ]
             )
+        usage = _usage(self.gens, completion, self.call)
         if self.body.stream_options and self.body.stream_options.include_usage:
-            yield self._chunk([], usage=_usage(self.gens, completion))
+            yield self._chunk([], usage=usage)
 
 
 @router.post("/completions", response_model=Completion)
 async def create_completion(
     body: CompletionRequest,
     request: Request,
-    principal: InferenceDep,
+    call: CompletionCallDep,
     inference: InferenceServiceDep,
 ) -> Completion | StreamingResponse:
-    gens = await inference.complete(principal, body)
-    serving = CompletionServing(body, gens)
+    call.model = body.model
+    gens = await inference.complete(call.principal, body)
+    serving = CompletionServing(body, gens, call)
     if body.stream:
         return event_stream(serving.stream())
     return await serving.full(request)

@@ -52,8 +52,22 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message).append("x-request-id", request_id)
+                headers = MutableHeaders(scope=message)
+                headers.append("x-request-id", request_id)
+                metered = scope.get("state", {}).get("metered")
+                if metered is not None:
+                    for name, value in metered.headers.items():
+                        headers.append(name, value)
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                # Metered before the last byte leaves: a client that reads its usage right
+                # after a response always finds the request counted.
+                await end_metering()
             await send(message)
+
+        async def end_metering() -> None:
+            metered = scope.get("state", {}).pop("metered", None)
+            if metered is not None and platform is not None:
+                await platform.metering.end(metered, status=status, request_id=request_id)
 
         platform = getattr(scope["app"].state, "platform", None)
         if platform is not None:
@@ -78,6 +92,7 @@ class RequestContextMiddleware:
                     "org": org,
                 },
             )
+            await end_metering()  # a response cut short (client gone, error) is metered too
             if platform is not None:
                 platform.metrics.http_in_flight.dec()
                 labels = {"method": scope["method"], "route": route, "org": org}

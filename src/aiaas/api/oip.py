@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Depends, Path
 
 from aiaas import __version__
 from aiaas.api.deps import (
@@ -18,6 +18,7 @@ from aiaas.api.deps import (
     ModelsReadDep,
     PlatformDep,
     PredictionsDep,
+    metered,
 )
 from aiaas.errors import InvalidRequest
 from aiaas.protocol.oip import (
@@ -31,8 +32,10 @@ from aiaas.protocol.oip import (
     ServerMetadata,
     TensorMetadata,
 )
+from aiaas.services.metering import MeteredCall
 from aiaas.services.predictions import PredictionService
 
+OipCallDep = Annotated[MeteredCall, Depends(metered("oip.infer"))]
 router = APIRouter(prefix="/v2", tags=["open-inference-protocol"])
 
 VersionPath = Annotated[str, Path(pattern=r"^[0-9]{1,9}$", description="A version number.")]
@@ -120,7 +123,9 @@ async def _infer(
     name: str,
     version: int | None,
     body: InferenceRequest,
+    call: MeteredCall,
 ) -> InferenceResponse:
+    call.model = name
     served = await predictions.serve(org_id=org_id, name=name, version=version)
     model = served.loaded.model
     types = {t.name: t.datatype for t in model.inputs}
@@ -141,7 +146,8 @@ async def _infer(
                 f"unknown output {wanted.name!r}; the model gives {sorted(known)}",
                 param="outputs",
             )
-    logits = await served.loaded.infer(inputs, tenant=org_id, weight=1.0)
+    logits = await served.loaded.infer(inputs, tenant=org_id, weight=call.principal.weight)
+    call.count(model=name, items=int(logits.shape[0]) if logits.ndim else 1)
     return InferenceResponse(
         model_name=name,
         model_version=str(served.routed.version.version),
@@ -159,9 +165,13 @@ async def _infer(
 
 @router.post("/models/{name}/infer", response_model=InferenceResponse)
 async def infer(
-    name: ModelPath, body: InferenceRequest, ctx: InferenceCtxDep, predictions: PredictionsDep
+    name: ModelPath,
+    body: InferenceRequest,
+    ctx: InferenceCtxDep,
+    predictions: PredictionsDep,
+    call: OipCallDep,
 ) -> InferenceResponse:
-    return await _infer(predictions, ctx.org_id, name, None, body)
+    return await _infer(predictions, ctx.org_id, name, None, body, call)
 
 
 @router.post("/models/{name}/versions/{version}/infer", response_model=InferenceResponse)
@@ -171,5 +181,6 @@ async def infer_version(
     body: InferenceRequest,
     ctx: InferenceCtxDep,
     predictions: PredictionsDep,
+    call: OipCallDep,
 ) -> InferenceResponse:
-    return await _infer(predictions, ctx.org_id, name, int(version), body)
+    return await _infer(predictions, ctx.org_id, name, int(version), body, call)

@@ -23,6 +23,7 @@ from aiaas.protocol.platform import (
     OrganizationPublic,
     OrganizationUpdate,
 )
+from aiaas.services.tenancy import OrgChanges
 
 router = APIRouter(prefix="/v1/organizations", tags=["organizations"])
 
@@ -62,5 +63,15 @@ def modify_organization(
     org_id: OrgId, body: OrganizationUpdate, admin: AdminDep, tenancy: TenancyDep
 ) -> OrganizationPublic:
     """An org admin changes its own organisation's settings; the operator, any organisation's."""
-    org = tenancy.set_redact_pii(admin, org_id, redact_pii=body.redact_pii, actor=Actor.of(admin))
+    org = tenancy.update_org(
+        admin,
+        org_id,
+        OrgChanges(
+            redact_pii=body.redact_pii,
+            weight=body.weight,
+            rate_limits=body.rate_limits.to_domain() if body.rate_limits else None,
+            quotas=body.quotas.to_domain() if body.quotas else None,
+        ),
+        actor=Actor.of(admin),
+    )
     return OrganizationPublic.from_domain(org)

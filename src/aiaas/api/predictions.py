@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
 
-from aiaas.api.deps import InferenceCtxDep, PredictionsDep
+from fastapi import APIRouter, Depends
+
+from aiaas.api.deps import InferenceCtxDep, PredictionsDep, metered
 from aiaas.protocol.predictions import PredictionItem, PredictionRequest, PredictionResponse
+from aiaas.services.metering import MeteredCall
 
 router = APIRouter(prefix="/v1/predictions", tags=["predictions"])
 
 
 @router.post("", response_model=PredictionResponse)
 async def predict(
-    body: PredictionRequest, ctx: InferenceCtxDep, predictions: PredictionsDep
+    body: PredictionRequest,
+    ctx: InferenceCtxDep,
+    predictions: PredictionsDep,
+    call: Annotated[MeteredCall, Depends(metered("predictions"))],
 ) -> PredictionResponse:
     """The deployment's preprocessing spec is applied to the inputs exactly as in training."""
+    call.model = body.model
     served, results = await predictions.predict(
         org_id=ctx.org_id,
         name=body.model,
         records=body.records,
         texts=body.texts,
         images=body.images,
+        weight=ctx.principal.weight,
     )
+    call.count(model=body.model, items=len(results))
     version = served.routed.version
     return PredictionResponse(
         model=body.model,

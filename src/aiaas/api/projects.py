@@ -46,8 +46,12 @@ def retrieve_project(
 def modify_project(
     project_id: ProjectId, body: ProjectUpdate, ctx: OrgContextDep, tenancy: TenancyDep
 ) -> ProjectPublic:
-    project = tenancy.rename_project(
-        org_id=ctx.org_id, project_id=project_id, name=body.name, actor=ctx.actor
+    project = tenancy.update_project(
+        org_id=ctx.org_id,
+        project_id=project_id,
+        name=body.name,
+        rate_limits=body.rate_limits.to_domain() if body.rate_limits else None,
+        actor=ctx.actor,
     )
     return ProjectPublic.from_domain(project)
 

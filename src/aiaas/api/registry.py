@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Iterator
+from typing import IO, Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Depends, Path
 from fastapi.responses import StreamingResponse
 
 from aiaas.api.deps import (
@@ -17,6 +18,7 @@ from aiaas.api.deps import (
 )
 from aiaas.protocol.platform import ListResponse
 from aiaas.protocol.registry import ModelDeleted, ModelVersionPublic
+from aiaas.services.bundles import BundleService
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -24,6 +26,8 @@ VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1, description="A version n
 ArtifactName = Annotated[
     str, Path(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="An artifact's file name.")
 ]
+
+_BUNDLE_CHUNK = 1 << 20
 
 _MEDIA_TYPES = {
     ".safetensors": "application/octet-stream",
@@ -77,6 +81,40 @@ def download_artifact(
             "Content-Disposition": f'attachment; filename="{artifact.name}"',
         },
     )
+
+
+def get_bundles(registry: RegistryDep) -> BundleService:
+    return BundleService(registry)
+
+
+BundlesDep = Annotated[BundleService, Depends(get_bundles)]
+
+
+@router.get(
+    "/{model}/versions/{version}/bundle",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/zip": {}}}},
+)
+def download_bundle(
+    model: ModelPath, version: VersionNumber, ctx: ModelsReadCtxDep, bundles: BundlesDep
+) -> StreamingResponse:
+    """An edge bundle: the version's ONNX graph, preprocessing, labels, a runner that needs only
+    numpy and onnxruntime, a README and a manifest of sha256 sums, as one zip."""
+    built = bundles.build(org_id=ctx.org_id, model_id=model, version=version)
+    return StreamingResponse(
+        _chunks(built.file),
+        media_type="application/zip",
+        headers={
+            "Content-Length": str(built.bytes),
+            "Content-Disposition": f'attachment; filename="{built.filename}"',
+        },
+    )
+
+
+def _chunks(file: IO[bytes]) -> Iterator[bytes]:
+    with file:
+        while chunk := file.read(_BUNDLE_CHUNK):
+            yield chunk
 
 
 @router.delete("/{model}", response_model=ModelDeleted)

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from aiaas.cli.data import datasets_app, files_app
-from aiaas.cli.models import deploy, deployments_app, models_app
+from aiaas.cli.models import deploy, deployments_app, export, models_app
 from aiaas.cli.training import jobs_app, train
 from aiaas.domain import Actor
 from aiaas.errors import ApiError
@@ -38,6 +38,7 @@ app.command()(train)
 app.add_typer(models_app, name="models")
 app.add_typer(deployments_app, name="deployments")
 app.command()(deploy)
+app.command()(export)
 
 _CLI_ACTOR = Actor(type="cli")
 

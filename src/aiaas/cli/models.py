@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
 
+import httpx
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -115,6 +119,56 @@ def deploy(
     what = f"version {target['version']}" if target["version"] else f"alias {target['alias']}"
     line = f"{created['id']}  serving {created['model']} ({what}) as {created['name']}"
     Console().print(Text(line))
+
+
+_FILENAME = re.compile(r'filename="([A-Za-z0-9._-]+)"')
+
+
+def export(
+    model: Annotated[str, typer.Argument(help="A trained model's id (ft:...).")],
+    version: Annotated[int | None, typer.Option(help="The version (default: the latest).")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Where to write the zip (default: ./<name>-v<n>.zip)."),
+    ] = None,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Download an edge bundle: the model as a zip that runs with only numpy and onnxruntime."""
+    with client(base_url, api_key) as http:
+        if version is None:
+            version = checked(http.get(_path(model))).get("latest_version")
+            if version is None:
+                Console(stderr=True).print(Text(f"error: {model} has no registered version"))
+                raise typer.Exit(code=1)
+        with http.stream("GET", f"{_path(model)}/versions/{version}/bundle") as response:
+            if not response.is_success:
+                response.read()
+                checked(response)
+            found = _FILENAME.search(response.headers.get("content-disposition", ""))
+            target = output or Path(found.group(1) if found else f"bundle-v{version}.zip")
+            written = _download(response, target)
+    Console().print(Text(f"{target}  ({written} bytes, {model} version {version})"))
+
+
+def _download(response: httpx.Response, target: Path) -> int:
+    """Stream the body to `target` (via a partial file, so a cut download leaves no zip)."""
+    total = int(response.headers.get("content-length", 0)) or None
+    partial = target.with_name(f".{target.name}.partial")
+    written = 0
+    columns = (*Progress.get_default_columns()[:1], BarColumn(), DownloadColumn())
+    progress = Progress(*columns, TransferSpeedColumn(), console=Console(stderr=True))
+    try:
+        with progress, partial.open("wb") as handle:
+            task = progress.add_task(f"{target.name}", total=total)
+            for chunk in response.iter_bytes():
+                handle.write(chunk)
+                written += len(chunk)
+                progress.update(task, advance=len(chunk))
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return written
 
 
 @deployments_app.command("list")

@@ -5,10 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from aiaas.engines.llm.engine import EngineStats
+from aiaas.scheduling.batcher import BATCH_SIZE_BUCKETS, BatcherStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -40,10 +46,29 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.inference_requests = Counter(
+            "aiaas_inference_requests",
+            "Metered requests (chat, completions, embeddings, predictions), by outcome.",
+            ["org", "model", "endpoint", "status"],
+            registry=self.registry,
+        )
+        self.inference_latency = Histogram(
+            "aiaas_inference_request_duration_seconds",
+            "Time from a metered request's admission to the end of its response.",
+            ["org", "model", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "aiaas_rate_limited",
+            "Requests refused with 429 by a rate limit or quota (reason: requests, tokens, quota).",
+            ["org", "reason"],
+            registry=self.registry,
+        )
         self.llm_ttft = Histogram(
             "aiaas_llm_time_to_first_token_seconds",
             "Time from a generation request to its first token.",
-            ["model"],
+            ["model", "org"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -68,6 +93,14 @@ class Metrics:
     def watch_engines(self, source: Callable[[], Iterable[tuple[str, EngineStats]]]) -> None:
         """Export engine state (slots, queue, KV) read at scrape time, never cached."""
         self.registry.register(_EngineCollector(source))
+
+    def watch_batchers(self, source: Callable[[], Iterable[tuple[str, BatcherStats]]]) -> None:
+        """Export the dynamic batchers (embeddings, trained models): queue and batch sizes."""
+        self.registry.register(_BatcherCollector(source))
+
+    def watch_jobs(self, source: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        """Export jobs per (organisation, state), read from the database at scrape time."""
+        self.registry.register(_JobsCollector(source))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -127,3 +160,58 @@ class _PoolCollector(Collector):
             "Trained models unloaded to stay under the memory budget.",
             value=evictions,
         )
+
+
+class _BatcherCollector(Collector):
+    def __init__(self, source: Callable[[], Iterable[tuple[str, BatcherStats]]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        waiting = GaugeMetricFamily(
+            "aiaas_batcher_queue_depth", "Requests waiting in a batcher.", labels=["model"]
+        )
+        items = GaugeMetricFamily(
+            "aiaas_batcher_queued_items", "Items waiting in a batcher.", labels=["model"]
+        )
+        running = GaugeMetricFamily(
+            "aiaas_batcher_batches_running", "Batches being computed now.", labels=["model"]
+        )
+        dropped = CounterMetricFamily(
+            "aiaas_batcher_dropped_items",
+            "Items never run because their client left.",
+            labels=["model"],
+        )
+        sizes = HistogramMetricFamily(
+            "aiaas_batch_size", "Items per computed batch.", labels=["model"]
+        )
+        for model, stats in self._source():
+            waiting.add_metric([model], stats.waiting_requests)
+            items.add_metric([model], stats.waiting_items)
+            running.add_metric([model], stats.in_flight)
+            dropped.add_metric([model], stats.dropped_items)
+            cumulative, buckets = 0, []
+            for bound, count in zip(
+                (*map(str, BATCH_SIZE_BUCKETS), "+Inf"), stats.batch_sizes, strict=False
+            ):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            if buckets:
+                sizes.add_metric([model], buckets, sum_value=stats.items)
+        yield from (waiting, items, running, dropped, sizes)
+
+
+class _JobsCollector(Collector):
+    def __init__(self, source: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        self._source = source
+
+    def describe(self) -> Iterator[Metric]:
+        # Named without a database read when the collector is registered.
+        yield GaugeMetricFamily("aiaas_jobs", "Jobs by organisation and state.")
+
+    def collect(self) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily(
+            "aiaas_jobs", "Jobs by organisation and state.", labels=["org", "state"]
+        )
+        for org, state, count in self._source():
+            jobs.add_metric([org, state], count)
+        yield jobs

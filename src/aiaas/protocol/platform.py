@@ -10,7 +10,16 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from aiaas.domain import ApiKey, AuditEvent, IssuedKey, Organization, Project, Scope
+from aiaas.domain import (
+    ApiKey,
+    AuditEvent,
+    IssuedKey,
+    Organization,
+    Project,
+    Quotas,
+    RateLimits,
+    Scope,
+)
 
 T = TypeVar("T")
 
@@ -63,13 +72,68 @@ class ListResponse(BaseModel, Generic[T]):
 # -- organisations ---------------------------------------------------------------------------
 
 
+Cap = Annotated[int, Field(ge=1, le=10**15)]
+
+
+class RateLimitsBody(BaseModel):
+    """Caps at one level (organisation, project or key); a missing or null field: no cap."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_minute: Cap | None = Field(default=None, description="Requests per minute.")
+    tokens_per_minute: Cap | None = Field(
+        default=None, description="Prompt plus completion tokens (or input items) per minute."
+    )
+    max_concurrent_requests: Cap | None = Field(
+        default=None, description="Requests being served at once."
+    )
+
+    @classmethod
+    def from_domain(cls, limits: RateLimits) -> RateLimitsBody:
+        return cls(**limits.to_dict())
+
+    def to_domain(self) -> RateLimits:
+        return RateLimits(**self.model_dump())
+
+
+class QuotasBody(BaseModel):
+    """An organisation's allowance per calendar month (UTC); a missing or null field: none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    monthly_tokens: Cap | None = None
+    monthly_requests: Cap | None = None
+
+    @classmethod
+    def from_domain(cls, quotas: Quotas) -> QuotasBody:
+        return cls(**quotas.to_dict())
+
+    def to_domain(self) -> Quotas:
+        return Quotas(**self.model_dump())
+
+
 class OrganizationCreate(Request):
     name: Name
 
 
 class OrganizationUpdate(Request):
-    redact_pii: bool = Field(
-        description="Redact personal data from every dataset made in this organisation."
+    """Fields left out stay as they are. Weight, rate limits and quotas: the operator only."""
+
+    redact_pii: bool | None = Field(
+        default=None,
+        description="Redact personal data from every dataset made in this organisation.",
+    )
+    weight: float | None = Field(
+        default=None,
+        gt=0,
+        le=1000,
+        description="Share of contended capacity, relative to other organisations (default 1).",
+    )
+    rate_limits: RateLimitsBody | None = Field(
+        default=None, description="Replaces the organisation's rate limits ({} removes them)."
+    )
+    quotas: QuotasBody | None = Field(
+        default=None, description="Replaces the organisation's monthly quotas ({} removes them)."
     )
 
 
@@ -79,11 +143,20 @@ class OrganizationPublic(BaseModel):
     name: str
     created_at: int
     redact_pii: bool = False
+    weight: float = 1.0
+    rate_limits: RateLimitsBody = Field(default_factory=RateLimitsBody)
+    quotas: QuotasBody = Field(default_factory=QuotasBody)
 
     @classmethod
     def from_domain(cls, org: Organization) -> OrganizationPublic:
         return cls(
-            id=org.id, name=org.name, created_at=int(org.created_at), redact_pii=org.redact_pii
+            id=org.id,
+            name=org.name,
+            created_at=int(org.created_at),
+            redact_pii=org.redact_pii,
+            weight=org.weight,
+            rate_limits=RateLimitsBody.from_domain(org.rate_limits),
+            quotas=QuotasBody.from_domain(org.quotas),
         )
 
 
@@ -100,7 +173,12 @@ class ProjectCreate(Request):
 
 
 class ProjectUpdate(Request):
-    name: Name
+    """Fields left out stay as they are."""
+
+    name: Name | None = None
+    rate_limits: RateLimitsBody | None = Field(
+        default=None, description="Replaces the project's rate limits ({} removes them)."
+    )
 
 
 class ProjectPublic(BaseModel):
@@ -112,6 +190,7 @@ class ProjectPublic(BaseModel):
     is_default: bool
     created_at: int
     archived_at: int | None
+    rate_limits: RateLimitsBody = Field(default_factory=RateLimitsBody)
 
     @classmethod
     def from_domain(cls, project: Project) -> ProjectPublic:
@@ -123,6 +202,7 @@ class ProjectPublic(BaseModel):
             is_default=project.is_default,
             created_at=int(project.created_at),
             archived_at=int(project.archived_at) if project.archived_at is not None else None,
+            rate_limits=RateLimitsBody.from_domain(project.rate_limits),
         )
 
 
@@ -142,6 +222,9 @@ class ApiKeyCreate(Request):
     role: Literal["owner", "developer", "reader"] | None = None
     expires_in: int | None = Field(
         default=None, ge=1, le=10 * 366 * 86400, description="Lifetime in seconds."
+    )
+    rate_limits: RateLimitsBody | None = Field(
+        default=None, description="This key's own caps, on top of its project's and org's."
     )
 
     @model_validator(mode="after")
@@ -163,6 +246,7 @@ class ApiKeyPublic(BaseModel):
     expires_at: int | None
     last_used_at: int | None
     revoked_at: int | None
+    rate_limits: RateLimitsBody = Field(default_factory=RateLimitsBody)
 
     @classmethod
     def from_domain(cls, key: ApiKey) -> ApiKeyPublic:
@@ -180,6 +264,7 @@ class ApiKeyPublic(BaseModel):
             expires_at=opt(key.expires_at),
             last_used_at=opt(key.last_used_at),
             revoked_at=opt(key.revoked_at),
+            rate_limits=RateLimitsBody.from_domain(key.rate_limits),
         )
 
 

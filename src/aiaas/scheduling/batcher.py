@@ -20,6 +20,7 @@ loop only awaits; everything they share sits behind one condition variable.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import math
 import threading
@@ -82,6 +83,12 @@ class BatcherStats:
     batches: int  # work calls finished
     items: int  # items those calls held
     dropped_items: int  # items never run because their client left
+    # Finished batches by item count: [i] counts those of at most BATCH_SIZE_BUCKETS[i] items
+    # (and more than the bucket before); the last entry, those larger than every bucket.
+    batch_sizes: tuple[int, ...] = ()
+
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 @dataclass(eq=False)
@@ -133,6 +140,7 @@ class DynamicBatcher(Generic[In, Out]):
         self._waiting_items = 0
         self._waiting_size = 0
         self._in_flight = 0
+        self._size_counts = [0] * (len(BATCH_SIZE_BUCKETS) + 1)
         self._batches = self._items_run = self._dropped = 0  # counters for stats()
         self._scheduler: threading.Thread | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -227,6 +235,7 @@ class DynamicBatcher(Generic[In, Out]):
                 batches=self._batches,
                 items=self._items_run,
                 dropped_items=self._dropped,
+                batch_sizes=tuple(self._size_counts),
             )
 
     def _check_sizes(self, sizes: list[int]) -> None:
@@ -323,6 +332,7 @@ class DynamicBatcher(Generic[In, Out]):
             self._in_flight -= 1
             self._batches += 1
             self._items_run += len(batch)
+            self._size_counts[bisect.bisect_left(BATCH_SIZE_BUCKETS, len(batch))] += 1
             for position, item in enumerate(batch):
                 request = item.request
                 if request.closed:

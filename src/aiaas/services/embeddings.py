@@ -133,7 +133,7 @@ class EmbeddingService:
             )
         ids = await run_in_threadpool(_token_ids, loaded, request.items())
         org = principal.org_id or "platform"
-        vectors = await loaded.batcher.submit(ids, tenant=org)
+        vectors = await loaded.batcher.submit(ids, tenant=org, weight=principal.weight)
         matrix = np.stack(vectors).astype(np.float32, copy=False)
         if request.dimensions is not None and request.dimensions < dimension:
             matrix = _truncate(matrix, request.dimensions)

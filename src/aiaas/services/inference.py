@@ -60,7 +60,7 @@ class Generations:
                     raise ServerError(f"Generation failed: {event.message}")
                 if not self._first_token_seen and (isinstance(event, Final) or event.text):
                     self._first_token_seen = True
-                    self.metrics.llm_ttft.labels(model=self.model_id).observe(
+                    self.metrics.llm_ttft.labels(model=self.model_id, org=self.org).observe(
                         time.perf_counter() - self.started
                     )
                 if isinstance(event, Final):
@@ -206,6 +206,7 @@ class InferenceService:
                             max_new_tokens=max_new,
                             sink=mailbox.sink(gens.queue, index),
                             tenant=org,
+                            weight=principal.weight,
                         )
                     )
             return built

@@ -309,6 +309,11 @@ class JobService:
 
     # -- housekeeping ----------------------------------------------------------------------------
 
+    def counts_by_state(self) -> list[tuple[str, str, int]]:
+        """(org id, state, jobs): what `/metrics` shows."""
+        with self._db.read() as conn:
+            return repo.count_by_state(conn)
+
     def sweep(self) -> int:
         """Delete checkpoint blobs no job can resume from: those of finished jobs, superseded
         ones, and blobs a crash left unrecorded (a worker stores the blob, then its row).

@@ -13,11 +13,24 @@ import hmac
 import secrets
 import string
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Connection
 
-from aiaas.domain import Actor, ApiKey, IssuedKey, Page, Principal, ProjectStatus, Scope
+from aiaas.domain import (
+    Actor,
+    ApiKey,
+    IssuedKey,
+    LimitLevel,
+    Organization,
+    Page,
+    Principal,
+    Project,
+    ProjectStatus,
+    Quotas,
+    RateLimits,
+    Scope,
+)
 from aiaas.errors import AuthenticationFailed, InvalidRequest, NotFound
 from aiaas.ids import now
 from aiaas.services.audit import AuditService
@@ -58,6 +71,7 @@ class KeySpec:
     name: str
     scopes: frozenset[Scope]
     expires_at: float | None = None
+    rate_limits: RateLimits = field(default_factory=RateLimits)
 
 
 def _parse(token: str) -> tuple[str, str] | None:
@@ -119,6 +133,7 @@ class KeyService:
             expires_at=spec.expires_at,
             revoked_at=None,
             last_used_at=None,
+            rate_limits=spec.rate_limits,
         )
         keys_repo.insert_key(conn, key=key, secret_hmac=self._hmac(secret))
         self._audit.record(
@@ -129,7 +144,12 @@ class KeyService:
             target_id=key.id,
             org_id=org_id,
             project_id=project_id,
-            data={"name": spec.name, "scopes": sorted(spec.scopes), "expires_at": spec.expires_at},
+            data={
+                "name": spec.name,
+                "scopes": sorted(spec.scopes),
+                "expires_at": spec.expires_at,
+                "rate_limits": spec.rate_limits.to_dict(),
+            },
         )
         return IssuedKey(key=key, secret=f"{KEY_PREFIX}{id_hex}-{secret}")
 
@@ -168,11 +188,9 @@ class KeyService:
             if found is None or not matches:
                 raise AuthenticationFailed("Incorrect API key provided.")
             key = found[0]
-            self._check_live(conn, key)
+            org, project = self._check_live(conn, key)
         self._touch(key)
-        principal = Principal(
-            key_id=key.id, org_id=key.org_id, project_id=key.project_id, scopes=key.scopes
-        )
+        principal = _principal(key, org, project)
         if self._cache_s > 0:
             if len(self._verified) >= _CACHE_LIMIT:
                 self._verified.clear()
@@ -203,16 +221,22 @@ class KeyService:
         else:
             self._verified.pop(key_id, None)
 
-    def _check_live(self, conn: Connection, key: ApiKey) -> None:
+    def _check_live(
+        self, conn: Connection, key: ApiKey
+    ) -> tuple[Organization | None, Project | None]:
         at = now()
         if key.revoked_at is not None:
             raise AuthenticationFailed("This API key has been revoked.")
         if key.expires_at is not None and key.expires_at <= at:
             raise AuthenticationFailed("This API key has expired.")
-        if key.org_id is not None and key.project_id is not None:
+        if key.org_id is None:
+            return None, None
+        project = None
+        if key.project_id is not None:
             project = tenancy_repo.get_project(conn, org_id=key.org_id, project_id=key.project_id)
             if project is None or project.status is not ProjectStatus.ACTIVE:
                 raise AuthenticationFailed("This API key's project has been archived.")
+        return tenancy_repo.get_org(conn, key.org_id), project
 
     def _touch(self, key: ApiKey) -> None:
         at = now()
@@ -294,3 +318,20 @@ class KeyService:
         self.forget(key_id)
         assert revoked is not None
         return revoked
+
+
+def _principal(key: ApiKey, org: Organization | None, project: Project | None) -> Principal:
+    levels = [
+        LimitLevel(level, owner.id, owner.rate_limits)
+        for level, owner in (("org", org), ("project", project), ("key", key))
+        if owner is not None and not owner.rate_limits.empty
+    ]
+    return Principal(
+        key_id=key.id,
+        org_id=key.org_id,
+        project_id=key.project_id,
+        scopes=key.scopes,
+        weight=org.weight if org is not None else 1.0,
+        limits=tuple(levels),
+        quotas=org.quotas if org is not None else Quotas(),
+    )

@@ -22,6 +22,7 @@ from aiaas.engines.classic.model import ClassicModel, Prediction
 from aiaas.engines.classic.pool import ClassicPool, LoadedClassic
 from aiaas.errors import InvalidRequest
 from aiaas.observability.metrics import Metrics
+from aiaas.scheduling.batcher import BatcherStats
 from aiaas.services.deployments import DeploymentService, Routed
 from aiaas.services.registry import RegistryService
 from aiaas.training.preprocess import ImageStep, PreprocessingSpec, TextStep
@@ -101,6 +102,10 @@ class PredictionService:
             org=org_id,
             route=route,
         ).inc(rows)
+
+    def batcher_stats(self) -> list[tuple[str, BatcherStats]]:
+        """Each loaded model's batcher, by registry key (model id and version)."""
+        return self._pool.batcher_stats()
 
     def pool_stats(self) -> tuple[int, int, int]:
         entries = [e for e in self._pool.entries() if e.state == "ready"]

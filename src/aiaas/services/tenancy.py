@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection
 
-from aiaas.domain import ORG_SCOPES, Actor, IssuedKey, Organization, Page, Principal, Project
-from aiaas.errors import InvalidRequest, NotFound
+from aiaas.domain import (
+    ORG_SCOPES,
+    Actor,
+    IssuedKey,
+    Organization,
+    Page,
+    Principal,
+    Project,
+    Quotas,
+    RateLimits,
+)
+from aiaas.errors import InvalidRequest, NotFound, PermissionDenied
 from aiaas.services.audit import AuditService
 from aiaas.services.keys import KeyService, KeySpec
 from aiaas.storage.db import Database
@@ -21,6 +32,32 @@ class NewOrganization:
     org: Organization
     project: Project
     admin_key: IssuedKey
+
+
+@dataclass(frozen=True, slots=True)
+class OrgChanges:
+    """What an update sets; None leaves a field as it is."""
+
+    redact_pii: bool | None = None
+    weight: float | None = None
+    rate_limits: RateLimits | None = None
+    quotas: Quotas | None = None
+
+    @property
+    def operator_only(self) -> bool:
+        return self.weight is not None or self.rate_limits is not None or self.quotas is not None
+
+    def audit_data(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        if self.redact_pii is not None:
+            data["redact_pii"] = self.redact_pii
+        if self.weight is not None:
+            data["weight"] = self.weight
+        if self.rate_limits is not None:
+            data["rate_limits"] = self.rate_limits.to_dict()
+        if self.quotas is not None:
+            data["quotas"] = self.quotas.to_dict()
+        return data
 
 
 class TenancyService:
@@ -72,12 +109,26 @@ class TenancyService:
             raise NotFound(f"No organization with id {org_id!r}.", param="org_id")
         return org
 
-    def set_redact_pii(
-        self, principal: Principal, org_id: str, *, redact_pii: bool, actor: Actor
+    def update_org(
+        self, principal: Principal, org_id: str, changes: OrgChanges, *, actor: Actor
     ) -> Organization:
+        """Change an organisation's settings. Its admin may set `redact_pii`; the operator
+        alone sets its weight, rate limits and quotas (an org must not raise its own)."""
         self.get_org(principal, org_id)  # 404 unless the caller may see it
+        if changes.operator_only and not principal.is_platform_admin:
+            raise PermissionDenied(
+                "Only the platform operator sets an organization's weight, rate limits and quotas."
+            )
         with self._db.write() as conn:
-            tenancy_repo.set_org_redact_pii(conn, org_id=org_id, redact_pii=redact_pii)
+            if changes.redact_pii is not None:
+                tenancy_repo.set_org_redact_pii(conn, org_id=org_id, redact_pii=changes.redact_pii)
+            tenancy_repo.set_org_controls(
+                conn,
+                org_id=org_id,
+                weight=changes.weight,
+                rate_limits=changes.rate_limits,
+                quotas=changes.quotas,
+            )
             self._audit.record(
                 conn,
                 actor=actor,
@@ -85,9 +136,12 @@ class TenancyService:
                 target_type="organization",
                 target_id=org_id,
                 org_id=org_id,
-                data={"redact_pii": redact_pii},
+                data=changes.audit_data(),
             )
             org = tenancy_repo.get_org(conn, org_id)
+        # Cached principals carry the weight and limits: drop them so the change holds at once
+        # here (other replicas: within their auth cache's lifetime).
+        self._keys.forget()
         assert org is not None
         return org
 
@@ -137,25 +191,44 @@ class TenancyService:
             raise NotFound(f"No project with id {project_id!r}.", param="project_id")
         return project
 
-    def rename_project(self, *, org_id: str, project_id: str, name: str, actor: Actor) -> Project:
+    def update_project(
+        self,
+        *,
+        org_id: str,
+        project_id: str,
+        name: str | None,
+        rate_limits: RateLimits | None,
+        actor: Actor,
+    ) -> Project:
         with self._db.write() as conn:
             project = tenancy_repo.get_project(conn, org_id=org_id, project_id=project_id)
             if project is None:
                 raise NotFound(f"No project with id {project_id!r}.", param="project_id")
-            tenancy_repo.rename_project(conn, org_id=org_id, project_id=project_id, name=name)
-            self._audit.record(
-                conn,
-                actor=actor,
-                action="project.updated",
-                target_type="project",
-                target_id=project_id,
-                org_id=org_id,
-                project_id=project_id,
-                data={"name": name, "previous_name": project.name},
-            )
-            renamed = tenancy_repo.get_project(conn, org_id=org_id, project_id=project_id)
-        assert renamed is not None
-        return renamed
+            data: dict[str, Any] = {}
+            if name is not None and name != project.name:
+                tenancy_repo.rename_project(conn, org_id=org_id, project_id=project_id, name=name)
+                data.update(name=name, previous_name=project.name)
+            if rate_limits is not None:
+                tenancy_repo.set_project_rate_limits(
+                    conn, org_id=org_id, project_id=project_id, rate_limits=rate_limits
+                )
+                data["rate_limits"] = rate_limits.to_dict()
+            if data:
+                self._audit.record(
+                    conn,
+                    actor=actor,
+                    action="project.updated",
+                    target_type="project",
+                    target_id=project_id,
+                    org_id=org_id,
+                    project_id=project_id,
+                    data=data,
+                )
+            updated = tenancy_repo.get_project(conn, org_id=org_id, project_id=project_id)
+        if rate_limits is not None:
+            self._keys.forget()
+        assert updated is not None
+        return updated
 
     def archive_project(self, *, org_id: str, project_id: str, actor: Actor) -> Project:
         """Archive a project; its keys stop working at once. The default project stays."""

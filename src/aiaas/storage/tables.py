@@ -41,6 +41,9 @@ organizations = Table(
     Column("created_at", Float, nullable=False),
     # 1: every dataset made in this organisation is PII-redacted, whatever the request says.
     Column("redact_pii", Integer, nullable=False, default=0, server_default="0"),
+    # JSON objects (domain.RateLimits, domain.Quotas); NULL: none set.
+    Column("rate_limits", Text, nullable=True),
+    Column("quotas", Text, nullable=True),
 )
 
 projects = Table(
@@ -54,6 +57,7 @@ projects = Table(
     Column("status", String(16), nullable=False, default="active"),
     Column("created_at", Float, nullable=False),
     Column("archived_at", Float, nullable=True),
+    Column("rate_limits", Text, nullable=True),
     UniqueConstraint("org_id", "name", name="uq_projects_org_id_name"),
 )
 
@@ -74,6 +78,7 @@ api_keys = Table(
     Column("expires_at", Float, nullable=True),
     Column("revoked_at", Float, nullable=True),
     Column("last_used_at", Float, nullable=True),
+    Column("rate_limits", Text, nullable=True),
     Index("ix_api_keys_org_id", "org_id"),
 )
 
@@ -331,4 +336,37 @@ deployments = Table(
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     UniqueConstraint("org_id", "name", name="uq_deployments_org_id_name"),
+)
+
+# One row per metered request (inference routes), written in batches off the request path.
+usage_records = Table(
+    "usage_records",
+    metadata,
+    Column("seq", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+    Column("org_id", String(64), nullable=False),
+    Column("project_id", String(64), nullable=True),
+    Column("key_id", String(64), nullable=True),
+    Column("model", String(256), nullable=False),
+    Column("endpoint", String(64), nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("items", Integer, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("request_id", String(128), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Index("ix_usage_records_org_id_created_at", "org_id", "created_at"),
+)
+
+# Running totals per organisation and calendar month (UTC), updated in the same transaction as
+# the records they sum: what monthly quotas are checked against.
+usage_monthly = Table(
+    "usage_monthly",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("org_id", String(64), nullable=False),
+    Column("month", String(7), nullable=False),  # "2026-11"
+    Column("requests", BigInteger, nullable=False),
+    Column("tokens", BigInteger, nullable=False),
+    UniqueConstraint("org_id", "month", name="uq_usage_monthly_org_id_month"),
 )

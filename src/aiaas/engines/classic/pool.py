@@ -32,7 +32,7 @@ import numpy as np
 
 from aiaas.engines.classic.model import ClassicModel
 from aiaas.errors import ServiceUnavailable
-from aiaas.scheduling.batcher import BatcherConfig, BatchRequest, DynamicBatcher
+from aiaas.scheduling.batcher import BatcherConfig, BatcherStats, BatchRequest, DynamicBatcher
 from aiaas.scheduling.fair import AdmissionPolicy
 
 __all__ = ["ClassicPool", "LoadedClassic", "PoolEntry", "Row"]
@@ -230,6 +230,11 @@ class ClassicPool:
                 extra={"model": loaded.key},
             )
         return evicted
+
+    def batcher_stats(self) -> list[tuple[str, BatcherStats]]:
+        with self._lock:
+            loaded = list(self._ready.items())
+        return [(key, entry.batcher.stats()) for key, entry in loaded]
 
     def entries(self) -> list[PoolEntry]:
         with self._lock:

@@ -437,3 +437,11 @@ def drop_checkpoint_blobs(conn: Connection, *, job_id: str) -> list[str]:
         update(job_checkpoints).where(job_checkpoints.c.job_id == job_id).values(blob_key=None)
     )
     return keys
+
+
+def count_by_state(conn: Connection) -> list[tuple[str, str, int]]:
+    """(org id, state, jobs) for every pair that has jobs."""
+    rows = conn.execute(
+        select(jobs.c.org_id, jobs.c.status, func.count()).group_by(jobs.c.org_id, jobs.c.status)
+    )
+    return [(row[0], row[1], int(row[2])) for row in rows]

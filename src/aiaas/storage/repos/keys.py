@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sqlalchemy import Connection, Row, and_, func, insert, or_, select, update
 
-from aiaas.domain import ApiKey, Page, Scope
+from aiaas.domain import ApiKey, Page, RateLimits, Scope
 from aiaas.ids import now
 from aiaas.storage.repos.paging import fetch_page
 from aiaas.storage.tables import api_keys
@@ -25,6 +26,7 @@ def _key(row: Row[Any]) -> ApiKey:
         expires_at=row.expires_at,
         revoked_at=row.revoked_at,
         last_used_at=row.last_used_at,
+        rate_limits=RateLimits.from_dict(json.loads(row.rate_limits) if row.rate_limits else None),
     )
 
 
@@ -41,6 +43,9 @@ def insert_key(conn: Connection, *, key: ApiKey, secret_hmac: str) -> None:
             created_by=key.created_by,
             created_at=key.created_at,
             expires_at=key.expires_at,
+            rate_limits=None
+            if key.rate_limits.empty
+            else json.dumps(key.rate_limits.to_dict(), sort_keys=True),
         )
     )
 

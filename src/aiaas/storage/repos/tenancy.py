@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sqlalchemy import Connection, Insert, Row, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from aiaas.domain import Organization, Page, Project, ProjectStatus
+from aiaas.domain import Organization, Page, Project, ProjectStatus, Quotas, RateLimits
 from aiaas.errors import Conflict
 from aiaas.ids import new_id, now
 from aiaas.storage.repos.paging import fetch_page
@@ -21,7 +22,17 @@ def _org(row: Row[Any]) -> Organization:
         weight=row.weight,
         created_at=row.created_at,
         redact_pii=bool(row.redact_pii),
+        rate_limits=RateLimits.from_dict(_json(row.rate_limits)),
+        quotas=Quotas.from_dict(_json(row.quotas)),
     )
+
+
+def _json(text: str | None) -> dict[str, Any] | None:
+    return json.loads(text) if text else None
+
+
+def _dumps(value: RateLimits | Quotas) -> str | None:
+    return None if value.empty else json.dumps(value.to_dict(), sort_keys=True)
 
 
 def _project(row: Row[Any]) -> Project:
@@ -33,6 +44,7 @@ def _project(row: Row[Any]) -> Project:
         status=ProjectStatus(row.status),
         created_at=row.created_at,
         archived_at=row.archived_at,
+        rate_limits=RateLimits.from_dict(_json(row.rate_limits)),
     )
 
 
@@ -152,4 +164,34 @@ def archive_project(conn: Connection, *, org_id: str, project_id: str) -> None:
 def set_org_redact_pii(conn: Connection, *, org_id: str, redact_pii: bool) -> None:
     conn.execute(
         update(organizations).where(organizations.c.id == org_id).values(redact_pii=int(redact_pii))
+    )
+
+
+def set_org_controls(
+    conn: Connection,
+    *,
+    org_id: str,
+    weight: float | None = None,
+    rate_limits: RateLimits | None = None,
+    quotas: Quotas | None = None,
+) -> None:
+    """Set what the operator controls of an organisation; None leaves a field as it is."""
+    values: dict[str, Any] = {}
+    if weight is not None:
+        values["weight"] = weight
+    if rate_limits is not None:
+        values["rate_limits"] = _dumps(rate_limits)
+    if quotas is not None:
+        values["quotas"] = _dumps(quotas)
+    if values:
+        conn.execute(update(organizations).where(organizations.c.id == org_id).values(**values))
+
+
+def set_project_rate_limits(
+    conn: Connection, *, org_id: str, project_id: str, rate_limits: RateLimits
+) -> None:
+    conn.execute(
+        update(projects)
+        .where(projects.c.id == project_id, projects.c.org_id == org_id)
+        .values(rate_limits=_dumps(rate_limits))
     )
