@@ -61,12 +61,15 @@ class LoadPlan:
     request_timeout_s: float
     startup_timeout_s: float
 
-    def body_factory(self, model: str, concurrency: int) -> BodyFactory:
+    def body_factory(self, model: str, concurrency: int, tag: str = "") -> BodyFactory:
+        """Bodies for `concurrency` clients; `tag` keeps the prompts of loads that share a server
+        apart from each other (it is part of each prompt's unique prefix)."""
+
         def make_body(client: int, index: int) -> dict[str, object]:
             # Spread clients over the prompts: at concurrency 16 each client starts elsewhere.
             prompt = PROMPTS[(client + index * concurrency) % len(PROMPTS)]
             if self.unique_prompts:
-                prompt = f"({concurrency}.{client}.{index}) {prompt}"
+                prompt = f"({tag}{concurrency}.{client}.{index}) {prompt}"
             return self.body(model, prompt)
 
         return make_body
@@ -111,6 +114,14 @@ def measure_system(system: System, setup: BenchSetup, plan: LoadPlan) -> SystemR
     )
 
 
+async def warm_up(name: str, client: httpx.AsyncClient, model: str, plan: LoadPlan) -> None:
+    """One unmeasured request (the first one pays for lazy set-up); `SetupError` if it fails."""
+    body = plan.body(model, f"(warm-up) {PROMPTS[0]}")
+    record = await stream_request(client, COMPLETIONS_PATH, body, origin=time.perf_counter())
+    if record.error is not None or record.output_tokens == 0:
+        raise SetupError(f"{name}: warm-up request failed: {record.error or 'no tokens'}")
+
+
 async def _run_levels(
     name: str, base_url: str, connection: Connection, pid: int, plan: LoadPlan
 ) -> list[LevelResult]:
@@ -119,10 +130,7 @@ async def _run_levels(
     async with httpx.AsyncClient(
         base_url=base_url, headers=connection.headers, timeout=timeout, limits=client_limits(most)
     ) as client:
-        warm_up = plan.body(connection.model, f"(warm-up) {PROMPTS[0]}")
-        record = await stream_request(client, COMPLETIONS_PATH, warm_up, origin=time.perf_counter())
-        if record.error is not None or record.output_tokens == 0:
-            raise SetupError(f"{name}: warm-up request failed: {record.error or 'no tokens'}")
+        await warm_up(name, client, connection.model, plan)
         results = []
         for level in plan.levels:
             with PeakRssSampler(pid) as rss, ForeignCpu(pid) as foreign:

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -95,9 +96,11 @@ class Ours:
 
     name = "ours"
 
-    def __init__(self, setup: BenchSetup) -> None:
+    def __init__(self, setup: BenchSetup, *, env: Mapping[str, str] | None = None) -> None:
         self._setup = setup
         self._data_dir = setup.work_dir / "ours-data"
+        # Extra `AIAAS_*` settings on top of the bench's, e.g. `AIAAS_SCHEDULING=fifo`.
+        self._extra_env = dict(env or {})
 
     def prepare(self) -> str:
         python = self._python()
@@ -121,13 +124,18 @@ class Ours:
             "AIAAS_LLM_SLOTS": str(self._setup.slots),
             "AIAAS_LLM_THREADS": str(self._setup.threads),
         }
+        env |= self._extra_env
         return Launch(argv=[*argv, "--port", str(port)], env=env, health_path="/health")
 
     def connect(self, client: httpx.Client) -> Connection:
+        return self.create_org(client, "bench")
+
+    def create_org(self, client: httpx.Client, name: str) -> Connection:
+        """A new organisation, made with the admin key; connects as its API key (its tenant)."""
         admin_key = self._admin_key(timeout_s=30.0)
         response = client.post(
             "/v1/organizations",
-            json={"name": "bench"},
+            json={"name": name},
             headers={"Authorization": f"Bearer {admin_key}"},
         )
         if response.status_code not in (httpx.codes.OK, httpx.codes.CREATED):

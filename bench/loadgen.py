@@ -24,6 +24,7 @@ import httpx
 __all__ = [
     "BodyFactory",
     "LevelRun",
+    "PauseFactory",
     "RequestRecord",
     "StreamError",
     "TokenCount",
@@ -35,6 +36,8 @@ __all__ = [
 
 # (client index, request index within that client) -> JSON body of the request.
 BodyFactory = Callable[[int, int], Mapping[str, object]]
+# (client index, request index within that client) -> seconds to wait before sending it.
+PauseFactory = Callable[[int, int], float]
 
 # Where a request's output token count came from, best first: the server's `usage`; the body's
 # `max_tokens` when the stream ended with finish_reason "length"; the number of content chunks
@@ -101,25 +104,41 @@ async def run_closed_loop(
     concurrency: int,
     requests_per_client: int | None = None,
     duration_s: float | None = None,
+    stop: asyncio.Event | None = None,
+    pause: PauseFactory | None = None,
+    origin: float | None = None,
 ) -> LevelRun:
     """Run `concurrency` clients until each sent `requests_per_client` or `duration_s` passed.
 
     In duration mode a client starts no request after the deadline, but the ones in flight run to
-    the end and count, so `wall_s` may exceed `duration_s` by up to one request.
+    the end and count, so `wall_s` may exceed `duration_s` by up to one request. `stop` ends the
+    run the same way when it is set (it may replace both limits, for a load that runs alongside
+    another). `pause(client, index)` is a think time in seconds before each request. Request
+    times are measured from `origin` (a `time.perf_counter()` reading; default: this call), so
+    runs that share one origin share one clock; `wall_s` always counts from this call.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    if (requests_per_client is None) == (duration_s is None):
-        raise ValueError("give exactly one of requests_per_client and duration_s")
+    if requests_per_client is not None and duration_s is not None:
+        raise ValueError("give at most one of requests_per_client and duration_s")
+    if requests_per_client is None and duration_s is None and stop is None:
+        raise ValueError("give requests_per_client, duration_s or stop")
 
-    origin = time.perf_counter()
-    deadline = None if duration_s is None else origin + duration_s
+    start = time.perf_counter()
+    origin = start if origin is None else origin
+    deadline = None if duration_s is None else start + duration_s
+
+    def ended() -> bool:
+        past_deadline = deadline is not None and time.perf_counter() >= deadline
+        return past_deadline or (stop is not None and stop.is_set())
 
     async def one_client(client_index: int) -> list[RequestRecord]:
         records: list[RequestRecord] = []
         index = 0
         while requests_per_client is None or index < requests_per_client:
-            if deadline is not None and time.perf_counter() >= deadline:
+            if pause is not None and (seconds := pause(client_index, index)) > 0:
+                await asyncio.sleep(seconds)
+            if ended():
                 break
             body = make_body(client_index, index)
             record = await stream_request(
@@ -130,7 +149,7 @@ async def run_closed_loop(
         return records
 
     per_client = await asyncio.gather(*(one_client(c) for c in range(concurrency)))
-    wall_s = time.perf_counter() - origin
+    wall_s = time.perf_counter() - start
     records = sorted((r for rs in per_client for r in rs), key=lambda r: r.start)
     return LevelRun(concurrency=concurrency, wall_s=wall_s, records=tuple(records))
 

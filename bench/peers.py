@@ -7,6 +7,8 @@
 - BentoML (`bench/predict.py`): in a venv of its own (`bench/.cache/venv-bentoml`, ignored by git
   like the rest of the cache), with the onnxruntime, numpy, uvloop and httptools versions the
   project's venv has.
+- infinity-emb (`bench/embeddings.py`): in `bench/.cache/venv-infinity`, with the project venv's
+  torch (a CPU wheel; any other torch spec pulls gigabytes of CUDA wheels) and onnxruntime.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from pathlib import Path
 __all__ = [
     "BENCH_DIR",
     "BENTOML_VERSION",
+    "INFINITY_VERSION",
     "LLAMA_CPP_PYTHON_VERSION",
     "ProvisionError",
     "ensure_bentoml_python",
+    "ensure_infinity_python",
     "ensure_llama_server",
     "ensure_peers_python",
     "tool_output",
@@ -37,9 +41,18 @@ log = logging.getLogger("bench")
 BENCH_DIR = Path(__file__).resolve().parent
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 BENTOML_VERSION = "1.4.40"
+INFINITY_VERSION = "0.0.78"
 PEERS_VENV = BENCH_DIR / ".venv-peers"
 CACHE_DIR = BENCH_DIR / ".cache"
 BENTOML_VENV = CACHE_DIR / "venv-bentoml"
+INFINITY_VENV = CACHE_DIR / "venv-infinity"
+# infinity-emb 0.0.78 imports `optimum.bettertransformer` at start-up, which exists only in
+# optimum 1.x and only with transformers < 4.49 (optimum 2.x also breaks its ONNX file lookup,
+# and 1.25+ imports a torch.onnx private that torch 2.13 no longer has).
+# optimum 1.x pulls `datasets` and so pyarrow, whose newest wheels need numpy 2 (infinity: < 2).
+_INFINITY_PINS = {"optimum": "1.24.0", "transformers": "4.48.3"}
+_INFINITY_EXTRAS = {"infinity-emb": "[server,torch]", "optimum": "[onnxruntime]"}
+_INFINITY_RANGES = ("pyarrow<20",)
 LLAMA_BUILD_DIR = BENCH_DIR / ".build" / "llama.cpp"
 
 # Without these the build fetches web assets and links libcurl/OpenSSL, none of which we need.
@@ -97,6 +110,30 @@ def ensure_bentoml_python(*, same_as_ours: Mapping[str, str], venv: Path = BENTO
     installed = _installed_versions(python, wanted)
     if installed != wanted:
         requirements = [f"{name}=={version}" for name, version in wanted.items()]
+        log.info("installing %s into %s (found %s)", " ".join(requirements), venv, installed)
+        pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
+        _run([*pip, *requirements], log_path=install_log)
+    return python
+
+
+def ensure_infinity_python(*, same_as_ours: Mapping[str, str], venv: Path = INFINITY_VENV) -> Path:
+    """The python of a venv holding infinity-emb (torch and optimum engines) at our pinned
+    version, plus the packages it should run at the versions ours runs (distribution name ->
+    version: torch, onnxruntime). Its own venv: it needs numpy < 2 and transformers < 4.49.
+    """
+    python = venv / "bin" / "python"
+    install_log = CACHE_DIR / "logs" / f"{venv.name.lstrip('.')}.log"
+    if not python.exists():
+        log.info("creating %s", venv)
+        base = shutil.which("python3") or sys.executable
+        _run([base, "-m", "venv", str(venv)], log_path=install_log)
+    wanted = {"infinity-emb": INFINITY_VERSION, **_INFINITY_PINS, **same_as_ours}
+    installed = _installed_versions(python, wanted)
+    if installed != wanted:
+        requirements = [
+            f"{name}{_INFINITY_EXTRAS.get(name, '')}=={version}" for name, version in wanted.items()
+        ]
+        requirements += _INFINITY_RANGES
         log.info("installing %s into %s (found %s)", " ".join(requirements), venv, installed)
         pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
         _run([*pip, *requirements], log_path=install_log)
