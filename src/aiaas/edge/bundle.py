@@ -2,9 +2,9 @@
 
 Everything sits under one folder named like the zip (`<model>-v<n>/`):
 
-    model.onnx           the version's graph, as registered
-    preprocessing.json   its fitted preprocessing spec, as registered
-    model.json           its description (input names, classes), as registered
+    model.onnx           the version's graph           } the registered artifacts, byte for byte:
+    preprocessing.json   its fitted preprocessing spec } their sha256 sums are the registry's
+    model.json           its description (input names, classes)
     tokenizer.json       wordpiece text models only: the pretrained tokenizer they read with
     labels.json          the task and its classes (or the regression target)
     run.py               the runner (`aiaas.edge.runner`): needs only numpy and onnxruntime
@@ -50,7 +50,9 @@ class BundleSource:
     version_id: str
     created_at: float
     spec: PreprocessingSpec
+    spec_json: bytes  # preprocessing.json as registered (the bundle ships these exact bytes)
     description: dict[str, Any]
+    description_json: bytes  # model.json as registered
     metrics: dict[str, Any]
     lineage: dict[str, Any]
     onnx: Iterable[bytes]  # the graph in chunks, read once
@@ -89,8 +91,8 @@ def write_bundle(target: IO[bytes], source: BundleSource) -> dict[str, Any]:
                 files[name] = {"sha256": digest.hexdigest(), "bytes": size}
 
         add("model.onnx", source.onnx)
-        add("preprocessing.json", [spec.model_dump_json(indent=2).encode()])
-        add("model.json", [_json(source.description)])
+        add("preprocessing.json", [source.spec_json])
+        add("model.json", [source.description_json])
         if source.tokenizer is not None and _needs_tokenizer(spec):
             add("tokenizer.json", [source.tokenizer])
         add("labels.json", [_json(_labels(spec))])

@@ -206,7 +206,11 @@ def _images(step: Mapping[str, Any], values: Sequence[object]) -> np.ndarray:
 class WordPiece:
     """A BERT tokenizer read from a Hugging Face `tokenizer.json`: BertNormalizer (clean text,
     CJK spacing, accent stripping, lowercasing), BertPreTokenizer (whitespace and punctuation),
-    greedy longest-match WordPiece, then [CLS] ... [SEP] and the file's truncation."""
+    greedy longest-match WordPiece, then [CLS] ... [SEP] and the file's truncation.
+
+    Character classes come from this Python's `unicodedata`; `tokenizers` has its own, older
+    tables, so a character added to Unicode since (a rare mark or punctuation sign) may split
+    differently. Text in the scripts people write matches id for id."""
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         model = config.get("model") or {}

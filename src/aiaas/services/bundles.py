@@ -41,10 +41,10 @@ class BundleService:
             raise InvalidRequest(
                 f"Version {version} of '{model_id}' has no ONNX graph to bundle.", param="model"
             )
-        spec = PreprocessingSpec.model_validate_json(
-            self._registry.read_artifact(found, "preprocessing.json")
-        )
-        description = json.loads(self._registry.read_artifact(found, "model.json"))
+        spec_json = self._registry.read_artifact(found, "preprocessing.json")
+        spec = PreprocessingSpec.model_validate_json(spec_json)
+        description_json = self._registry.read_artifact(found, "model.json")
+        description = json.loads(description_json)
         tokenizer = _tokenizer(spec)
         _, onnx = self._registry.open_artifact(found, "model.onnx")
         source = BundleSource(
@@ -53,7 +53,9 @@ class BundleService:
             version_id=found.id,
             created_at=found.created_at,
             spec=spec,
+            spec_json=spec_json,
             description=description,
+            description_json=description_json,
             metrics=found.metrics,
             lineage=found.lineage,
             onnx=onnx,

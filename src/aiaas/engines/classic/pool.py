@@ -197,7 +197,7 @@ class ClassicPool:
         batcher: DynamicBatcher[Row, np.ndarray] = DynamicBatcher(
             work,
             config=self.batch,
-            policy=self._policy() if self._policy else None,
+            policy=self._policy() if self._policy is not None else None,
             name=f"classic-{key}",
         )
         batcher.start()

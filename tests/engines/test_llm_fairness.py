@@ -1,0 +1,97 @@
+"""Fair admission in the real LLM engine: a tenant flooding it with 32 streams cannot starve
+another. Asserted on the engine's admission order (never on time), with the bundled SmolLM2."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aiaas.engines.llm.bundled import smollm2_path
+from aiaas.engines.llm.engine import EngineConfig, LlmEngine
+from aiaas.engines.llm.model import LlamaModel
+from aiaas.engines.llm.params import Event, Final, SamplingParams
+from aiaas.scheduling.fair import make_policy
+
+SLOTS = 4
+FLOOD = 32
+QUIET = 4
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaModel]:
+    loaded = LlamaModel(smollm2_path(Path(tmp_path_factory.mktemp("models"))))
+    yield loaded
+    loaded.close()
+
+
+def _flood(model: LlamaModel, mode: str, *, quiet_weight: float = 1.0) -> tuple[list[str], int]:
+    """32 requests from `noisy`, then 4 from `quiet` once the engine is busy; the admission
+    order, and how many admissions came before the quiet tenant's requests arrived."""
+    engine = LlmEngine(
+        model,
+        EngineConfig(n_slots=SLOTS, n_ctx=4096, context_length=512, n_batch=256, n_threads=2),
+        name="smollm2",
+        policy=make_policy(mode),  # type: ignore[arg-type]
+    )
+    engine.start()
+    done = threading.Semaphore(0)
+
+    def sink(event: Event) -> None:
+        if isinstance(event, Final):
+            done.release()
+
+    prompt = model.tokenize("Once upon a time, in a quiet village,", add_special=True)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+
+    def request(tenant: str, weight: float = 1.0):  # type: ignore[no-untyped-def]
+        return engine.request(
+            prompt, params, max_new_tokens=NEW_TOKENS, sink=sink, tenant=tenant, weight=weight
+        )
+
+    try:
+        for _ in range(FLOOD):
+            engine.submit(request("noisy"))
+        # Wait until the flood fills every slot and most of it still waits.
+        while len(engine.admission_order()) < SLOTS:
+            threading.Event().wait(0.005)
+        before = len(engine.admission_order())
+        for _ in range(QUIET):
+            engine.submit(request("quiet", quiet_weight))
+        for _ in range(FLOOD + QUIET):
+            assert done.acquire(timeout=120), "a request never finished"
+        return engine.admission_order(), before
+    finally:
+        engine.close()
+
+
+def _quiet_positions(order: list[str], before: int) -> list[int]:
+    """For each quiet request, how many admissions happened from its arrival to its own."""
+    return [i - before + 1 for i, tenant in enumerate(order) if tenant == "quiet"]
+
+
+@pytest.mark.slow
+def test_flooding_tenant_cannot_starve_a_quiet_one(model: LlamaModel) -> None:
+    order, before = _flood(model, "fair")
+    assert order.count("noisy") == FLOOD and order.count("quiet") == QUIET
+    assert before < FLOOD - QUIET, "the flood must still be waiting when the quiet tenant comes"
+    # Start-time fair queueing: the quiet tenant's k-th request goes out within about 2k
+    # admissions of its arrival (alternating with the flood), never behind the whole flood.
+    positions = _quiet_positions(order, before)
+    assert positions == sorted(positions)
+    for k, position in enumerate(positions, start=1):
+        assert position <= 2 * k + 1, (k, position, order)
+
+
+@pytest.mark.slow
+def test_weight_buys_a_larger_share_and_fifo_starves(model: LlamaModel) -> None:
+    # Weight 4: the quiet tenant's four requests go out (almost) back to back.
+    order, before = _flood(model, "fair", quiet_weight=4.0)
+    positions = _quiet_positions(order, before)
+    assert positions[-1] <= QUIET + 2, (positions, order)
+    # The same load first come, first served: the quiet tenant waits behind the whole flood.
+    order, before = _flood(model, "fifo")
+    assert _quiet_positions(order, before)[0] == FLOOD - before + 1, order
