@@ -24,6 +24,7 @@ from aiaas.observability.metrics import Metrics
 from aiaas.scheduling.batcher import BatcherConfig
 from aiaas.scheduling.fair import make_policy
 from aiaas.services.audit import AuditService
+from aiaas.services.bundles import BundleService
 from aiaas.services.datasets import DatasetService
 from aiaas.services.deployments import DeploymentService
 from aiaas.services.embeddings import DeployedEncoders, EmbeddingService
@@ -82,6 +83,7 @@ class Platform:
     deployments: DeploymentService
     predictions: PredictionService
     metering: Metering
+    bundles: BundleService
     runner: JobRunner | None = None
 
     @classmethod
@@ -182,6 +184,7 @@ class Platform:
                 UsageMeter(db, flush_interval_s=settings.usage_flush_interval_s),
                 metrics,
             ),
+            bundles=BundleService(registry),
         )
 
     def start_models(self) -> None:

@@ -285,7 +285,9 @@ def test_metrics_show_engine_state(llm_server: Server) -> None:
     assert _metric(llm_server, "aiaas_llm_queue_depth", BASE_MODEL) >= 0
     with llm_server.client(llm_server.admin_key) as admin:
         text = admin.get("/metrics").text
-    assert 'aiaas_llm_time_to_first_token_seconds_count{model="gemma-3-270m"}' in text
+    assert re.search(
+        r'aiaas_llm_time_to_first_token_seconds_count\{model="gemma-3-270m",org="org_', text
+    )
     assert re.search(
         r'aiaas_llm_tokens_total\{kind="completion",model="gemma-3-270m",org="org_', text
     )

@@ -18,7 +18,7 @@ from aiaas.scheduling.fair import make_policy
 SLOTS = 4
 FLOOD = 32
 QUIET = 4
-NEW_TOKENS = 12
+NEW_TOKENS = 6
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from aiaas.api.deps import (
     Limit,
     ModelPath,
     ModelsReadCtxDep,
+    PlatformDep,
     RegistryDep,
     TrainingDep,
 )
@@ -83,8 +84,8 @@ def download_artifact(
     )
 
 
-def get_bundles(registry: RegistryDep) -> BundleService:
-    return BundleService(registry)
+def get_bundles(platform: PlatformDep) -> BundleService:
+    return platform.bundles
 
 
 BundlesDep = Annotated[BundleService, Depends(get_bundles)]

@@ -19,6 +19,7 @@ from rich.table import Table
 from aiaas.cli.data import datasets_app, files_app
 from aiaas.cli.models import deploy, deployments_app, export, models_app
 from aiaas.cli.training import jobs_app, train
+from aiaas.cli.usage import usage
 from aiaas.domain import Actor
 from aiaas.errors import ApiError
 from aiaas.settings import Settings
@@ -38,6 +39,7 @@ app.command()(train)
 app.add_typer(models_app, name="models")
 app.add_typer(deployments_app, name="deployments")
 app.command()(deploy)
+app.command()(usage)
 app.command()(export)
 
 _CLI_ACTOR = Actor(type="cli")

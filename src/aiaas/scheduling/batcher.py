@@ -134,7 +134,9 @@ class DynamicBatcher(Generic[In, Out]):
         self.config = config or BatcherConfig()
         self._work = work
         self._size = size or (lambda _item: 1)
-        self._policy: AdmissionPolicy[BatchRequest[In, Out]] = policy if policy is not None else FifoPolicy()
+        self._policy: AdmissionPolicy[BatchRequest[In, Out]] = (
+            policy if policy is not None else FifoPolicy()
+        )
         self._cond = threading.Condition()
         self._state = _State.NEW
         self._waiting_items = 0

@@ -2,8 +2,8 @@
 
 Every metered request counts against each level (its org, its project, its key) that has caps:
 
-- **requests per minute**: a sliding-window counter; a request over the cap is refused and not
-  counted;
+- **requests per minute**: a moving window (exact: the requests of the last 60 seconds); a
+  request over the cap is refused and not counted;
 - **tokens per minute**: tokens are known only when a request ends, so they are added then
   (a fixed one-minute window that may overshoot), and a level whose minute is spent refuses
   new requests until the window turns, like OpenAI's;
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import Storage
-from limits.aio.strategies import FixedWindowRateLimiter, SlidingWindowCounterRateLimiter
+from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 from limits.storage import storage_from_string
 
 from aiaas.domain import LimitLevel, Principal
@@ -45,7 +45,7 @@ class RateLimiter:
     def __init__(self, storage: Storage, *, prefix: str = "aiaas") -> None:
         self._storage = storage
         self._prefix = prefix
-        self._requests = SlidingWindowCounterRateLimiter(storage)
+        self._requests = MovingWindowRateLimiter(storage)
         self._tokens = FixedWindowRateLimiter(storage)
 
     @classmethod

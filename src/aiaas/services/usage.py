@@ -13,6 +13,7 @@ written yet.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import defaultdict
@@ -214,8 +215,8 @@ class UsageMeter:
                 f"limit must be between 1 and {most} for bucket_width {bucket_width}.",
                 param="limit",
             )
-        now = int(time.time())
-        end = now if end is None else end
+        if end is None:  # up to now: through the end of the bucket that holds this moment
+            end = start + max(1, math.ceil((time.time() - start) / width)) * width
         if end <= start:
             raise InvalidRequest("end_time must be after start_time.", param="end_time")
         n_buckets = -(-(end - start) // width)

@@ -123,7 +123,9 @@ class LlmEngine:
         self.config = config
         self.name = name
         self.context_length = min(config.context_length, config.n_ctx, model.info.n_ctx_train)
-        self._policy: AdmissionPolicy[GenerationRequest] = policy if policy is not None else FifoPolicy()
+        self._policy: AdmissionPolicy[GenerationRequest] = (
+            policy if policy is not None else FifoPolicy()
+        )
         self._cond = threading.Condition()
         self._slots = [Slot(seq_id=i) for i in range(config.n_slots)]
         self._reserved = 0
