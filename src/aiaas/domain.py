@@ -318,6 +318,7 @@ class Job:
     created_at: float
     started_at: float | None
     finished_at: float | None
+    result: dict[str, Any] | None = None  # what the job made (an optimisation's table)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from aiaas.services.jobs import JobService
 from aiaas.services.keys import KeyService
 from aiaas.services.limits import RateLimiter
 from aiaas.services.metering import Metering
+from aiaas.services.optimisations import OptimisationService
 from aiaas.services.predictions import PredictionService
 from aiaas.services.registry import RegistryService
 from aiaas.services.tenancy import TenancyService
@@ -84,6 +85,7 @@ class Platform:
     predictions: PredictionService
     metering: Metering
     bundles: BundleService
+    optimisations: OptimisationService
     runner: JobRunner | None = None
 
     @classmethod
@@ -185,6 +187,7 @@ class Platform:
                 metrics,
             ),
             bundles=BundleService(registry),
+            optimisations=OptimisationService(db, registry, jobs, audit),
         )
 
     def start_models(self) -> None:

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from aiaas.cli.data import datasets_app, files_app
 from aiaas.cli.models import deploy, deployments_app, export, models_app
+from aiaas.cli.optimise import optimise_app
 from aiaas.cli.training import jobs_app, train
 from aiaas.cli.usage import usage
 from aiaas.domain import Actor
@@ -40,6 +41,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(deployments_app, name="deployments")
 app.command()(deploy)
 app.command()(usage)
+app.add_typer(optimise_app, name="optimise")
 app.command()(export)
 
 _CLI_ACTOR = Actor(type="cli")

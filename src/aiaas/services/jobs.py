@@ -9,6 +9,7 @@ the worker to act, so a caller usually sees the final state in the response.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import time
@@ -77,11 +78,25 @@ class JobService:
         self._db = db
         self._blobs = blobs
         self._audit = audit
-        self._wake_runner = wake_runner
+        self._wake = [wake_runner]  # shared with `of_kind` copies
         self._settle_timeout_s = settle_timeout_s
+        self.kind = TRAINING
 
     def set_runner(self, wake: Callable[[], None]) -> None:
-        self._wake_runner = wake
+        self._wake[0] = wake
+
+    def wake(self) -> None:
+        """Tell the runner there is queued work."""
+        self._wake[0]()
+
+    def _wake_runner(self) -> None:
+        self.wake()
+
+    def of_kind(self, kind: str) -> JobService:
+        """The same service for another kind of job (reads, control): e.g. optimisations."""
+        other = copy.copy(self)
+        other.kind = kind
+        return other
 
     # -- create ----------------------------------------------------------------------------------
 
@@ -197,7 +212,7 @@ class JobService:
 
     def get(self, *, org_id: str, job_id: str) -> Job:
         with self._db.read() as conn:
-            job = repo.get_job(conn, org_id=org_id, job_id=job_id)
+            job = repo.get_job(conn, org_id=org_id, job_id=job_id, kind=self.kind)
         if job is None:
             raise _no_job(job_id)
         return job
@@ -206,7 +221,9 @@ class JobService:
         self, *, org_id: str, after: str | None, limit: int, metadata: dict[str, str]
     ) -> Page[Job]:
         with self._db.read() as conn:
-            return repo.list_jobs(conn, org_id=org_id, after=after, limit=limit, metadata=metadata)
+            return repo.list_jobs(
+                conn, org_id=org_id, after=after, limit=limit, metadata=metadata, kind=self.kind
+            )
 
     def events(self, *, org_id: str, job_id: str, after: str | None, limit: int) -> Page[JobEvent]:
         self.get(org_id=org_id, job_id=job_id)
@@ -291,7 +308,7 @@ class JobService:
             time.sleep(0.05)
 
     def _get_in(self, conn: Connection, org_id: str, job_id: str) -> Job:
-        job = repo.get_job(conn, org_id=org_id, job_id=job_id)
+        job = repo.get_job(conn, org_id=org_id, job_id=job_id, kind=self.kind)
         if job is None:
             raise _no_job(job_id)
         return job

@@ -214,6 +214,8 @@ jobs = Table(
     Column("fine_tuned_model", String(256), nullable=True),
     Column("model_version_id", String(64), nullable=True),
     Column("error", Text, nullable=True),
+    # JSON: what the job made, beyond a model name (an optimisation's comparison table).
+    Column("result", Text, nullable=True),
     Column("control", String(16), nullable=True),
     Column("attempts", Integer, nullable=False, default=0),
     Column("worker", String(128), nullable=True),

@@ -44,7 +44,7 @@ class LocalExecutor:
     def start(self, job: Job, token: str) -> ProcessHandle:
         process = self._context.Process(
             target=worker_main,
-            args=(self._settings, job.id, token),
+            args=(self._settings, job.id, token, job.kind),
             name=f"aiaas-{job.id}",
             daemon=False,
         )
@@ -52,9 +52,10 @@ class LocalExecutor:
         return ProcessHandle(process)
 
 
-def worker_main(settings: Settings, job_id: str, token: str) -> None:
+def worker_main(settings: Settings, job_id: str, token: str, kind: str = "training") -> None:
     """The worker process: run one job, then exit."""
     from aiaas.observability.logs import configure_logging
+    from aiaas.workers.optimisation_job import run_optimisation_job
     from aiaas.workers.training_job import run_training_job
 
     # Libraries' progress bars would interleave plain text with the JSON log lines on stderr.
@@ -66,4 +67,5 @@ def worker_main(settings: Settings, job_id: str, token: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda _signum, _frame: shutdown.set())
     logging.getLogger("aiaas.worker").info("worker %d runs job %s", os.getpid(), job_id)
-    run_training_job(settings, job_id, token, shutdown=shutdown)
+    run = run_optimisation_job if kind == "optimisation" else run_training_job
+    run(settings, job_id, token, shutdown=shutdown)

@@ -265,11 +265,11 @@ def _run(settings: Settings, storage: Storage, lease: JobLease) -> None:
         if checkpoint
         else f"Training started (attempt {job.attempts})."
     )
-    prepared = prepare(plan, _load_frame(storage, job))
+    prepared = prepare(plan, load_frame(storage, job))
     hyper = plan.hyperparameters
     torch.manual_seed(job.seed)
     model = build_model(
-        plan.model, prepared.shape, plan.architecture, pretrained_dir=_pretrained_dir(plan)
+        plan.model, prepared.shape, plan.architecture, pretrained_dir=pretrained_dir(plan)
     )
     data = prepared.bind(model.input_names)
     trainer = Trainer(
@@ -350,21 +350,25 @@ class Prepared:
 def prepare(plan: TrainingPlan, frame: pd.DataFrame) -> Prepared:
     """Fit (when the plan's spec is not fitted yet) on the training rows and encode every split.
     Deterministic: a resumed job prepares exactly the same arrays."""
-    labelled = frame[frame[plan.target_column].notna()]
+    return prepare_frame(plan.preprocessing, plan.target_column, frame)
+
+
+def prepare_frame(spec: PreprocessingSpec, target: str, frame: pd.DataFrame) -> Prepared:
+    """`prepare` for a spec and target column (a registered version's fitted spec, say)."""
+    labelled = frame[frame[target].notna()]
     dropped = len(frame) - len(labelled)
     parts = {s: labelled[labelled[SPLIT_COLUMN] == s.value] for s in Split}
-    spec = plan.preprocessing
     if not spec.fitted:
         spec = fit(spec, parts[Split.TRAIN])
     shape = input_shape(spec)
-    tokenizers = _tokenizers(spec)
+    tokenizers = tokenizers_for(spec)
 
     if len(parts[Split.TRAIN]) == 0:
         raise InvalidRequest("The training split has no labelled rows.", param="training_file")
     encoded = {
         name: (
             transform(spec, part, tokenizers=tokenizers),
-            encode_labels(spec, part[plan.target_column]),
+            encode_labels(spec, part[target]),
         )
         if len(part)
         else None
@@ -373,18 +377,18 @@ def prepare(plan: TrainingPlan, frame: pd.DataFrame) -> Prepared:
     return Prepared(spec, shape, encoded, dropped)
 
 
-def _tokenizers(spec: PreprocessingSpec) -> dict[str, Tokenizer]:
+def tokenizers_for(spec: PreprocessingSpec) -> dict[str, Tokenizer]:
     needs = any(getattr(step, "tokenizer", None) == "wordpiece" for step in spec.features)
     if not needs:
         return {}
     return {TOKENIZER_REF: Tokenizer.from_file(str(minilm_l6_v2_dir() / "tokenizer.json"))}
 
 
-def _pretrained_dir(plan: TrainingPlan) -> Path | None:
+def pretrained_dir(plan: TrainingPlan) -> Path | None:
     return minilm_l6_v2_dir() if plan.model == MINILM else None
 
 
-def _load_frame(storage: Storage, job: Job) -> pd.DataFrame:
+def load_frame(storage: Storage, job: Job) -> pd.DataFrame:
     with storage.db.read() as conn:
         version = datasets_repo.get_version_by_id(
             conn, org_id=job.org_id, version_id=job.dataset_version_id
@@ -423,7 +427,7 @@ def _register(
     evaluated_on = data.test or data.valid or data.train
     split_name = "test" if data.test else "validation" if data.valid else "train"
     outputs = predict(model, evaluated_on.inputs)
-    report = _evaluate(plan, data.spec, evaluated_on.targets, outputs)
+    report = evaluate_outputs(plan.task, data.spec, evaluated_on.targets, outputs)
     headline = summary(report)
     lease.event(
         f"Evaluated on {len(evaluated_on.targets)} {split_name} rows: "
@@ -529,10 +533,10 @@ def _encoder_artifacts(plan: TrainingPlan, model: Network) -> list[tuple[str, by
     ]
 
 
-def _evaluate(
-    plan: TrainingPlan, spec: PreprocessingSpec, targets: np.ndarray, outputs: np.ndarray
+def evaluate_outputs(
+    task: Task, spec: PreprocessingSpec, targets: np.ndarray, outputs: np.ndarray
 ) -> EvaluationReport:
-    if plan.task is Task.CLASSIFICATION:
+    if task is Task.CLASSIFICATION:
         classes = spec.label.classes if spec.label and spec.label.classes else []
         return evaluate_classification(targets, outputs, classes)
     truth = unscale_targets(spec, targets)

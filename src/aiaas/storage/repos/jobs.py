@@ -56,6 +56,7 @@ def _job(row: Row[Any]) -> Job:
         created_at=row.created_at,
         started_at=row.started_at,
         finished_at=row.finished_at,
+        result=_loads(row.result),
     )
 
 
@@ -109,8 +110,11 @@ def insert_job(
     return found
 
 
-def get_job(conn: Connection, *, org_id: str, job_id: str) -> Job | None:
-    row = conn.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.org_id == org_id)).first()
+def get_job(conn: Connection, *, org_id: str, job_id: str, kind: str | None = None) -> Job | None:
+    where = [jobs.c.id == job_id, jobs.c.org_id == org_id]
+    if kind is not None:
+        where.append(jobs.c.kind == kind)
+    row = conn.execute(select(jobs).where(*where)).first()
     return _job(row) if row else None
 
 
@@ -121,9 +125,17 @@ def get_job_any(conn: Connection, *, job_id: str) -> Job | None:
 
 
 def list_jobs(
-    conn: Connection, *, org_id: str, after: str | None, limit: int, metadata: dict[str, str]
+    conn: Connection,
+    *,
+    org_id: str,
+    after: str | None,
+    limit: int,
+    metadata: dict[str, str],
+    kind: str | None = None,
 ) -> Page[Job]:
     where = [jobs.c.org_id == org_id]
+    if kind is not None:
+        where.append(jobs.c.kind == kind)
     if not metadata:
         rows, more = fetch_page(
             conn, jobs, where=where, after=after, limit=limit, newest_first=True

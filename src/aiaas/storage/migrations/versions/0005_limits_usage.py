@@ -1,4 +1,4 @@
-"""rate limits, quotas and usage metering
+"""rate limits, quotas, usage metering; job results
 
 Revision ID: 0005
 Revises: 0004
@@ -21,6 +21,8 @@ def upgrade() -> None:
         batch.add_column(sa.Column("rate_limits", sa.Text(), nullable=True))
     with op.batch_alter_table("api_keys") as batch:
         batch.add_column(sa.Column("rate_limits", sa.Text(), nullable=True))
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(sa.Column("result", sa.Text(), nullable=True))
     op.create_table(
         "usage_records",
         sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
@@ -55,6 +57,8 @@ def downgrade() -> None:
     op.drop_table("usage_monthly")
     op.drop_index("ix_usage_records_org_id_created_at", table_name="usage_records")
     op.drop_table("usage_records")
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("result")
     with op.batch_alter_table("api_keys") as batch:
         batch.drop_column("rate_limits")
     with op.batch_alter_table("projects") as batch:

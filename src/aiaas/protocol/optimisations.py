@@ -1,0 +1,91 @@
+"""Schemas of `/v1/optimisations`: make measured variants of a registered model version."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field
+
+from aiaas.domain import Job
+from aiaas.protocol.platform import ModelRef, Request
+from aiaas.services.optimisations import OptimisationRequest
+
+
+class DynamicInt8(Request):
+    """int8 weights; activations quantised per batch at run time (ONNX Runtime)."""
+
+    method: Literal["dynamic_int8"]
+
+
+class StaticInt8(Request):
+    """int8 weights and activations (QDQ), activation ranges calibrated on training rows."""
+
+    method: Literal["static_int8"]
+
+
+class OnnxOptimized(Request):
+    """ONNX Runtime's extended graph optimisations (folding, fusions), saved as a graph."""
+
+    method: Literal["onnx_optimized"]
+
+
+class Prune(Request):
+    """Magnitude pruning to `sparsity`, then a short fine-tune with the zeros held."""
+
+    method: Literal["prune"]
+    sparsity: float = Field(gt=0, lt=1, description="Share of weights set to zero.")
+    structured: bool = Field(
+        default=False,
+        description="Remove whole output units (L2 norm, per layer) instead of single weights.",
+    )
+    fine_tune_epochs: int = Field(default=1, ge=0, le=20)
+
+
+Variant = Annotated[DynamicInt8 | StaticInt8 | OnnxOptimized | Prune, Field(discriminator="method")]
+
+
+class OptimisationCreate(Request):
+    model: ModelRef = Field(description="A registered (trained) model.")
+    version: int | None = Field(default=None, ge=1, le=10**9, description="Default: latest.")
+    variants: list[Variant] = Field(min_length=1, max_length=8)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+
+    def request(self) -> OptimisationRequest:
+        return OptimisationRequest(
+            model=self.model,
+            version=self.version,
+            variants=[v.model_dump() for v in self.variants],
+            seed=self.seed,
+        )
+
+
+class OptimisationJob(BaseModel):
+    object: Literal["optimisation"] = "optimisation"
+    id: str
+    model: str
+    version: int
+    status: str
+    variants: list[dict[str, Any]]
+    created_at: int
+    finished_at: int | None
+    error: dict[str, Any] | None
+    result: dict[str, Any] | None = Field(
+        default=None,
+        description="The comparison table: the parent's measurement and, per variant, its new "
+        "version, size, latency p50/p95, throughput at batch 32, metrics and the change from "
+        "the parent. Grows while the job runs.",
+    )
+
+    @classmethod
+    def from_domain(cls, job: Job) -> OptimisationJob:
+        return cls(
+            id=job.id,
+            model=job.spec["model_id"],
+            version=job.spec["version"],
+            status=job.status.value,
+            variants=job.spec["variants"],
+            created_at=int(job.created_at),
+            finished_at=int(job.finished_at) if job.finished_at is not None else None,
+            error=job.error,
+            result=job.result,
+        )

@@ -1,0 +1,257 @@
+"""Optimised variants of a trained network, and how to measure any ONNX graph the same way.
+
+- `quantize_dynamic`: int8 weights, activations quantised per batch at run time (ONNX Runtime).
+- `quantize_static`: int8 weights and activations in QDQ form, activation ranges calibrated on
+  training rows (ONNX Runtime, MinMax).
+- `prune`: magnitude pruning to a target sparsity (global L1 over every weight matrix, or L2
+  structured over output units per layer), then a short fine-tune with the mask held, baked in.
+- `optimise_graph`: ONNX Runtime's extended graph optimisations (constant folding, fusions),
+  saved as a graph of their own.
+
+`measure` runs a graph on the test split in ONNX Runtime, like serving does: size on disk,
+single-request latency p50/p95, rows per second at batch 32, and the evaluation's headline
+metrics. No database, no HTTP: the optimisation job composes these.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from aiaas.training.architectures import Network
+
+METHODS = ("dynamic_int8", "static_int8", "prune", "onnx_optimized")
+THROUGHPUT_BATCH = 32
+
+
+def _with_files(graph: bytes, work: Callable[[Path, Path], None]) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="aiaas-optimise-") as tmp:
+        source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        source.write_bytes(graph)
+        work(source, target)
+        return target.read_bytes()
+
+
+def _preprocessed(source: Path) -> Path:
+    """ONNX Runtime's recommended pre-processing (shape inference, folding) before quantising."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    target = source.with_name("pre.onnx")
+    quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+    return target
+
+
+def quantize_dynamic(graph: bytes) -> bytes:
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    def work(source: Path, target: Path) -> None:
+        ort_quantize_dynamic(
+            str(_preprocessed(source)), str(target), weight_type=QuantType.QInt8, per_channel=True
+        )
+
+    return _with_files(graph, work)
+
+
+class _Calibration:
+    """ONNX Runtime's CalibrationDataReader over batches of training inputs."""
+
+    def __init__(self, batches: Iterator[dict[str, np.ndarray]]) -> None:
+        self._batches = batches
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def quantize_static(
+    graph: bytes, calibration: dict[str, np.ndarray], *, batch_size: int = 64
+) -> bytes:
+    """int8 QDQ graph; activation ranges from `calibration` (model inputs, a few hundred rows)."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+    )
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    rows = len(next(iter(calibration.values())))
+
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, rows, batch_size):
+            yield {name: array[start : start + batch_size] for name, array in calibration.items()}
+
+    def work(source: Path, target: Path) -> None:
+        ort_quantize_static(
+            str(_preprocessed(source)),
+            str(target),
+            _Calibration(batches()),  # type: ignore[arg-type]
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+
+    return _with_files(graph, work)
+
+
+def optimise_graph(graph: bytes) -> bytes:
+    import onnxruntime as ort
+
+    def work(source: Path, target: Path) -> None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(target)
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+
+    return _with_files(graph, work)
+
+
+# -- pruning --------------------------------------------------------------------------------------
+
+
+def prunable(model: Network) -> list[tuple[nn.Module, str]]:
+    """Every weight matrix or kernel (linear, convolution, recurrent), not embeddings, norms or
+    biases; the output layer is left whole."""
+    found: list[tuple[nn.Module, str]] = []
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d):
+            found.append((module, "weight"))
+        elif isinstance(module, nn.LSTM | nn.GRU):
+            found.extend(
+                (module, name) for name, _ in module.named_parameters() if "weight" in name
+            )
+    last_linear = [m for m in model.head.modules() if isinstance(m, nn.Linear)][-1:]
+    return [(m, name) for m, name in found if m not in last_linear]
+
+
+def apply_pruning(model: Network, sparsity: float, *, structured: bool) -> None:
+    """Mask weights (kept as masks until `bake_pruning`, so a fine-tune keeps them at zero)."""
+    targets = prunable(model)
+    if not targets:
+        raise ValueError("the network has no weights to prune")
+    if structured:
+        for module, name in targets:
+            if isinstance(module, nn.LSTM | nn.GRU):
+                torch_prune.l1_unstructured(module, name, amount=sparsity)
+            else:
+                torch_prune.ln_structured(module, name, amount=sparsity, n=2, dim=0)
+    else:
+        torch_prune.global_unstructured(
+            targets, pruning_method=torch_prune.L1Unstructured, amount=sparsity
+        )
+
+
+def bake_pruning(model: Network) -> None:
+    """Make the masks permanent: plain weights with zeros, as export and state dicts expect."""
+    for module, name in prunable(model):
+        if hasattr(module, f"{name}_orig"):
+            torch_prune.remove(module, name)
+
+
+def sparsity_of(model: Network) -> float:
+    """Share of zeros over the prunable weights."""
+    zeros = total = 0
+    with torch.no_grad():
+        for module, name in prunable(model):
+            weight = getattr(module, name)
+            zeros += int((weight == 0).sum())
+            total += weight.numel()
+    return zeros / total if total else 0.0
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measurement:
+    size_bytes: int
+    latency_p50_ms: float
+    latency_p95_ms: float
+    throughput_rows_per_s: float
+    metrics: dict[str, Any]  # the evaluation's headline numbers on the test split
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "size_bytes": self.size_bytes,
+            "latency_p50_ms": round(self.latency_p50_ms, 4),
+            "latency_p95_ms": round(self.latency_p95_ms, 4),
+            "throughput_rows_per_s": round(self.throughput_rows_per_s, 1),
+            "metrics": self.metrics,
+        }
+
+
+def session(graph: bytes, *, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+def logits_of(runner: Any, inputs: dict[str, np.ndarray], *, batch_size: int = 256) -> np.ndarray:
+    rows = len(next(iter(inputs.values())))
+    parts = [
+        runner.run(None, {k: v[start : start + batch_size] for k, v in inputs.items()})[0]
+        for start in range(0, rows, batch_size)
+    ]
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def measure(
+    graph: bytes,
+    inputs: dict[str, np.ndarray],
+    evaluate: Callable[[np.ndarray], dict[str, Any]],
+    *,
+    threads: int,
+    budget_s: float = 1.0,
+) -> Measurement:
+    """Size, latency, throughput and metrics of `graph` on `inputs` (the test split).
+
+    Latency: one row per request, repeated for about `budget_s` (at least 30 runs, the rows
+    taken in turn); throughput: batches of 32 rows for as long again.
+    """
+    runner = session(graph, threads=threads)
+    metrics = evaluate(logits_of(runner, inputs))
+    rows = len(next(iter(inputs.values())))
+    feeds = [{k: v[i : i + 1] for k, v in inputs.items()} for i in range(min(rows, 256))]
+    runner.run(None, feeds[0])  # warm-up
+    latencies: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(latencies) < 30 or time.perf_counter() < deadline:
+        feed = feeds[len(latencies) % len(feeds)]
+        started = time.perf_counter()
+        runner.run(None, feed)
+        latencies.append((time.perf_counter() - started) * 1000)
+        if len(latencies) >= 5000:
+            break
+    batch = {k: _tile(v, THROUGHPUT_BATCH) for k, v in inputs.items()}
+    runner.run(None, batch)
+    done, started = 0, time.perf_counter()
+    while done < 30 * THROUGHPUT_BATCH or time.perf_counter() - started < budget_s:
+        runner.run(None, batch)
+        done += THROUGHPUT_BATCH
+    elapsed = time.perf_counter() - started
+    return Measurement(
+        size_bytes=len(graph),
+        latency_p50_ms=float(np.percentile(latencies, 50)),
+        latency_p95_ms=float(np.percentile(latencies, 95)),
+        throughput_rows_per_s=done / elapsed,
+        metrics=metrics,
+    )
+
+
+def _tile(array: np.ndarray, rows: int) -> np.ndarray:
+    """The first `rows` rows, repeating the array when it has fewer."""
+    reps = -(-rows // len(array))
+    return np.concatenate([array] * reps)[:rows] if reps > 1 else array[:rows]

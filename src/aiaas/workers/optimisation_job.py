@@ -1,0 +1,361 @@
+"""One optimisation job, run inside its worker process: variants of a registered version, each
+measured against its parent on the same test split and registered as a new version.
+
+The job's `result` holds the comparison table and grows as each variant is registered, so a job
+whose worker died resumes after the last variant it registered instead of registering it twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from aiaas import __version__
+from aiaas.data.types import Task
+from aiaas.domain import Actor, JobControl, JobStatus, ModelVersion
+from aiaas.errors import ApiError, InvalidRequest
+from aiaas.services.audit import AuditService
+from aiaas.services.registry import NewVersion, RegistryService
+from aiaas.settings import Settings
+from aiaas.storage.opened import Storage
+from aiaas.storage.repos import jobs as repo
+from aiaas.storage.repos import registry as registry_repo
+from aiaas.training import optimise
+from aiaas.training.architectures import Network, build_model
+from aiaas.training.evaluate import summary
+from aiaas.training.export import export_onnx
+from aiaas.training.plan import MINILM
+from aiaas.training.preprocess import PreprocessingSpec
+from aiaas.training.shapes import ArchitectureOptions, InputShape
+from aiaas.training.trainer import Hyperparameters, Stop, Trainer
+from aiaas.workers.training_job import (
+    Encoded,
+    JobLease,
+    evaluate_outputs,
+    load_frame,
+    prepare_frame,
+)
+
+log = logging.getLogger("aiaas.worker")
+
+CALIBRATION_ROWS = 512
+KEEP = ("preprocessing.json", "model.json")  # copied from the parent into every variant
+
+
+def run_optimisation_job(
+    settings: Settings, job_id: str, token: str, *, shutdown: threading.Event
+) -> None:
+    storage = Storage.open(settings, migrate=False)
+    try:
+        with storage.db.read() as conn:
+            job = repo.get_job_any(conn, job_id=job_id)
+        if job is None or job.worker != token or job.status is not JobStatus.RUNNING:
+            return
+        torch.set_num_threads(settings.training_threads)
+        with JobLease(storage, job, token, shutdown) as lease:
+            try:
+                _run(settings, storage, lease)
+            except ApiError as exc:
+                lease.finish(
+                    JobStatus.FAILED,
+                    f"The job failed: {exc.message}",
+                    error=json.dumps(
+                        {
+                            "code": exc.code or "invalid_request",
+                            "message": exc.message,
+                            "param": exc.param,
+                        }
+                    ),
+                )
+            except Exception:
+                log.exception("job %s failed", job_id)
+                message = "The job failed with an internal error; the operator's logs have details."
+                lease.finish(
+                    JobStatus.FAILED,
+                    message,
+                    error=json.dumps({"code": "internal_error", "message": message, "param": None}),
+                )
+    finally:
+        storage.close()
+
+
+class _Parent:
+    """The registered version being optimised, with its data encoded for its network."""
+
+    def __init__(self, storage: Storage, lease: JobLease, registry: RegistryService) -> None:
+        job = lease.job
+        spec = job.spec
+        with storage.db.read() as conn:
+            found = registry_repo.get_version(
+                conn, org_id=job.org_id, model_id=spec["model_id"], version=spec["version"]
+            )
+        if found is None:
+            raise InvalidRequest(
+                f"Model '{spec['model_id']}' no longer has version {spec['version']}.",
+                param="model",
+            )
+        self.version: ModelVersion = found
+        self.files = {name: registry.read_artifact(found, name) for name in found.artifacts}
+        self.description = json.loads(self.files["model.json"])
+        self.spec = PreprocessingSpec.model_validate_json(self.files["preprocessing.json"])
+        self.task = Task(self.description["task"])
+        self.shape = InputShape(
+            **{
+                k: tuple(v) if k == "image_shape" and v is not None else v
+                for k, v in self.description["input_shape"].items()
+            }
+        )
+        prepared = prepare_frame(
+            self.spec, self.description["target_column"], load_frame(storage, job)
+        )
+        self.data: Encoded = prepared.bind(tuple(self.description["input_names"]))
+        evaluated = self.data.test or self.data.valid or self.data.train
+        self.split_name = "test" if self.data.test else "validation" if self.data.valid else "train"
+        self.inputs = evaluated.inputs
+        self.targets = evaluated.targets
+
+    def evaluate(self, logits: np.ndarray) -> dict[str, Any]:
+        report = evaluate_outputs(self.task, self.spec, self.targets, logits)
+        return {"summary": summary(report), "evaluation": report.model_dump(mode="json")}
+
+    def network(self) -> Network:
+        """The parent's network in torch, weights loaded (for pruning)."""
+        if "model.safetensors" not in self.files:
+            raise InvalidRequest(
+                f"Version {self.version.version} has no weights to prune (model.safetensors).",
+                param="variants",
+            )
+        options = ArchitectureOptions.model_validate(self.description["options"])
+        architecture = self.description["architecture"]
+        pretrained = None
+        if architecture == MINILM:
+            from aiaas.engines.embeddings.export import minilm_l6_v2_dir
+
+            pretrained = minilm_l6_v2_dir()
+        model = build_model(architecture, self.shape, options, pretrained_dir=pretrained)
+        model.load_state_dict(safetensors.torch.load(self.files["model.safetensors"]))
+        return model
+
+
+class _Poll:
+    """A trainer control for the pruning fine-tune: cancel or pause stop it, no checkpoints."""
+
+    def __init__(self, lease: JobLease) -> None:
+        self._lease = lease
+
+    def poll(self) -> Stop | None:
+        return self._lease.stop_requested()
+
+    def checkpoint_due(self) -> bool:
+        return False
+
+    def on_checkpoint(self, data: bytes, *, epoch: int, step: int, metrics: Any) -> None:
+        pass
+
+    def on_epoch(self, metrics: Any) -> None:
+        pass
+
+
+def _run(settings: Settings, storage: Storage, lease: JobLease) -> None:
+    job = lease.job
+    registry = RegistryService(storage.db, storage.blobs, AuditService(storage.db))
+    parent = _Parent(storage, lease, registry)
+    threads = settings.training_threads
+    result: dict[str, Any] = dict(job.result or {})
+    if "parent" not in result:
+        lease.event(
+            f"Measuring version {parent.version.version} on {len(parent.targets)} "
+            f"{parent.split_name} rows."
+        )
+        measured = optimise.measure(
+            parent.files["model.onnx"], parent.inputs, parent.evaluate, threads=threads
+        )
+        result = {
+            "parent": {"version": parent.version.version, **_row(measured)},
+            "split": parent.split_name,
+            "rows": len(parent.targets),
+            "variants": [],
+        }
+        _save(storage, lease, result)
+    done = len(result["variants"])
+    for variant in job.spec["variants"][done:]:
+        if (stop := lease.stop_requested()) is not None:
+            _stop(lease, stop)
+            return
+        lease.event(f"Building {_describe(variant)}.")
+        graph, weights, extra = _build(parent, variant, lease, threads=threads)
+        if graph is None:
+            _stop(lease, lease.stop_requested() or Stop.CANCEL)
+            return
+        measured = optimise.measure(graph, parent.inputs, parent.evaluate, threads=threads)
+        row = {**_row(measured), **extra, "method": variant["method"], "params": variant}
+        row["compared_to_parent"] = _compare(result["parent"], row)
+        version = _register(registry, parent, lease, graph, weights, row, result["parent"])
+        row["version"] = version.version
+        row["version_id"] = version.id
+        result["variants"].append(row)
+        _save(storage, lease, result)
+        lease.event(
+            f"Registered {_describe(variant)} as version {version.version}: "
+            f"{row['size_bytes']} bytes, p50 {row['latency_p50_ms']:.3f} ms, "
+            + ", ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items() if v is not None)
+        )
+    lease.finish(
+        JobStatus.SUCCEEDED,
+        "The job has successfully completed.",
+        result=json.dumps(result),
+        fine_tuned_model=job.spec["model_id"],
+    )
+
+
+def _stop(lease: JobLease, stop: Stop) -> None:
+    if lease.lost:
+        return
+    if stop is Stop.CANCEL:
+        lease.finish(JobStatus.CANCELLED, "Job cancelled.")
+    elif lease.control is JobControl.PAUSE:
+        lease.finish(JobStatus.PAUSED, "Job paused between variants.")
+    else:
+        lease.requeue("The server is stopping; queued again.")
+
+
+def _save(storage: Storage, lease: JobLease, result: dict[str, Any]) -> None:
+    with storage.db.write() as conn:
+        repo.set_progress(conn, job_id=lease.job.id, worker=lease.token, result=json.dumps(result))
+
+
+def _row(measured: optimise.Measurement) -> dict[str, Any]:
+    data = measured.as_dict()
+    data["evaluation"] = data["metrics"].pop("evaluation")
+    data["metrics"] = data["metrics"].pop("summary")
+    return data
+
+
+def _compare(parent: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """Ratios and differences against the parent, for the comparison table."""
+    out: dict[str, Any] = {
+        "size_ratio": round(row["size_bytes"] / parent["size_bytes"], 4),
+        "latency_p50_ratio": _ratio(row["latency_p50_ms"], parent["latency_p50_ms"]),
+        "throughput_ratio": _ratio(row["throughput_rows_per_s"], parent["throughput_rows_per_s"]),
+    }
+    for name, value in row["metrics"].items():
+        before = parent["metrics"].get(name)
+        if value is not None and before is not None:
+            out[f"{name}_change"] = round(value - before, 6)
+    return out
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 4) if b else None
+
+
+def _describe(variant: dict[str, Any]) -> str:
+    method = variant["method"]
+    if method == "prune":
+        kind = "structured" if variant.get("structured") else "unstructured"
+        return f"prune ({kind}, sparsity {variant['sparsity']:g})"
+    return method.replace("_", " ")
+
+
+def _build(
+    parent: _Parent, variant: dict[str, Any], lease: JobLease, *, threads: int
+) -> tuple[bytes | None, bytes | None, dict[str, Any]]:
+    """(ONNX graph, safetensors weights or None, extra table fields); None graph: stopped."""
+    method = variant["method"]
+    graph = parent.files["model.onnx"]
+    if method == "dynamic_int8":
+        return optimise.quantize_dynamic(graph), None, {}
+    if method == "static_int8":
+        train = parent.data.train.inputs
+        calibration = {k: v[:CALIBRATION_ROWS] for k, v in train.items()}
+        return (
+            optimise.quantize_static(graph, calibration),
+            None,
+            {"calibration_rows": len(next(iter(calibration.values())))},
+        )
+    if method == "onnx_optimized":
+        return optimise.optimise_graph(graph), None, {}
+    assert method == "prune"
+    model = parent.network()
+    optimise.apply_pruning(model, variant["sparsity"], structured=variant.get("structured", False))
+    epochs = variant.get("fine_tune_epochs", 1)
+    if epochs:
+        hyper = (parent.version.lineage or {}).get("hyperparameters") or {}
+        trainer = Trainer(
+            model,
+            parent.task,
+            Hyperparameters(
+                n_epochs=epochs,
+                batch_size=int(hyper.get("batch_size") or 64),
+                # A gentle fine-tune: a tenth of the rate the parent was trained with.
+                learning_rate=float(hyper.get("learning_rate") or 1e-3) / 10,
+                seed=lease.job.seed,
+            ),
+        )
+        outcome = trainer.run(parent.data.train, parent.data.valid, _Poll(lease)).outcome
+        if outcome != "completed":
+            return None, None, {}
+    optimise.bake_pruning(model)
+    weights = safetensors.torch.save({k: v.contiguous() for k, v in model.state_dict().items()})
+    extra = {"sparsity": round(optimise.sparsity_of(model), 6), "fine_tune_epochs": epochs}
+    return export_onnx(model, parent.shape), weights, extra
+
+
+def _register(
+    registry: RegistryService,
+    parent: _Parent,
+    lease: JobLease,
+    graph: bytes,
+    weights: bytes | None,
+    row: dict[str, Any],
+    parent_row: dict[str, Any],
+) -> ModelVersion:
+    job = lease.job
+    source = parent.version
+    artifacts = [
+        ("model.onnx", graph),
+        *((name, parent.files[name]) for name in KEEP),
+        *((("model.safetensors", weights),) if weights is not None else ()),
+    ]
+    metrics = {
+        "evaluation": row["evaluation"],
+        "evaluated_on": parent.split_name,
+        "summary": row["metrics"],
+        "optimisation": {
+            "method": row["method"],
+            "params": row["params"],
+            "measurement": {k: v for k, v in row.items() if k not in ("evaluation", "params")},
+            "parent": {k: v for k, v in parent_row.items() if k != "evaluation"},
+        },
+    }
+    lineage = {
+        **{k: v for k, v in (source.lineage or {}).items() if k != "job_id"},
+        "job_id": job.id,
+        "parent_version": source.version,
+        "parent_version_id": source.id,
+        "optimisation": row["method"],
+        "code_version": f"aiaas {__version__}",
+        "torch_version": torch.__version__,
+    }
+    model = registry.get_model(org_id=job.org_id, model_id=source.model_id)
+    return registry.register(
+        NewVersion(
+            org_id=job.org_id,
+            project_id=job.project_id,
+            model_id=source.model_id,
+            base=model.base,
+            task=model.task,
+            artifacts=artifacts,
+            metrics=metrics,
+            lineage=lineage,
+            dataset_version_id=source.dataset_version_id,
+            job_id=job.id,
+        ),
+        actor=Actor(type="job", id=job.id),
+    )
