@@ -32,6 +32,7 @@ VARIANTS = [
     {"method": "onnx_optimized"},
     {"method": "prune", "sparsity": 0.6, "fine_tune_epochs": 1},
     {"method": "prune", "sparsity": 0.5, "structured": True, "fine_tune_epochs": 1},
+    {"method": "dynamic_int8", "engine": "torch"},
 ]
 
 
@@ -95,7 +96,7 @@ def test_every_variant_is_a_measured_child_version(optimised: dict[str, Any]) ->
     assert result["split"] == "test" and result["rows"] > 0
     rows = result["variants"]
     assert [r["method"] for r in rows] == [v["method"] for v in VARIANTS]
-    assert [r["version"] for r in rows] == [2, 3, 4, 5, 6]
+    assert [r["version"] for r in rows] == [2, 3, 4, 5, 6, 7]
     for row in rows:
         for field in ("size_bytes", "latency_p50_ms", "latency_p95_ms", "throughput_rows_per_s"):
             assert row[field] > 0, (row["method"], field)
@@ -128,8 +129,25 @@ def test_int8_is_smaller_and_within_the_documented_accuracy_drop(
 
 
 @pytest.mark.slow
+def test_pytorch_int8_is_kept_as_int8_safetensors(optimised: dict[str, Any]) -> None:
+    result = optimised["job"]["result"]
+    row = result["variants"][5]
+    assert (row["engine"], row["deployable"]) == ("torch", False)
+    assert row["size_bytes"] < 0.5 * result["parent"]["size_bytes"]
+    assert (
+        result["parent"]["metrics"]["accuracy"] - row["metrics"]["accuracy"] <= INT8_ACCURACY_DROP
+    )
+    tensors = load_safetensors(_artifact(optimised, row["version"], "model.int8.safetensors"))
+    int8 = [name for name, t in tensors.items() if t.dtype == np.int8]
+    assert int8 and all(f"{n.removesuffix('.int8')}.scale" in tensors for n in int8)
+    with optimised["server"].client(optimised["org"].api_key) as http:
+        response = http.get(f"/v1/models/{optimised['model']}/versions/{row['version']}/bundle")
+    assert_error(response, 400)  # no ONNX graph: it runs under torch only
+
+
+@pytest.mark.slow
 def test_pruned_versions_have_the_requested_sparsity(optimised: dict[str, Any]) -> None:
-    unstructured, structured = optimised["job"]["result"]["variants"][3:]
+    unstructured, structured = optimised["job"]["result"]["variants"][3:5]
     assert unstructured["sparsity"] >= 0.6 - 1e-3
     assert structured["sparsity"] >= 0.45  # whole rows of each layer but the output layer
     weights = load_safetensors(_artifact(optimised, unstructured["version"], "model.safetensors"))

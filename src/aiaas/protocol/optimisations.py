@@ -12,9 +12,14 @@ from aiaas.services.optimisations import OptimisationRequest
 
 
 class DynamicInt8(Request):
-    """int8 weights; activations quantised per batch at run time (ONNX Runtime)."""
+    """int8 weights; activations quantised per batch at run time."""
 
     method: Literal["dynamic_int8"]
+    engine: Literal["onnxruntime", "torch"] = Field(
+        default="onnxruntime",
+        description="Whose quantiser: ONNX Runtime's (deployable) or PyTorch's (its linear "
+        "layers; kept as int8 safetensors and measured under torch, not deployable).",
+    )
 
 
 class StaticInt8(Request):

@@ -15,14 +15,17 @@ metrics. No database, no HTTP: the optimisation job composes these.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
@@ -216,39 +219,105 @@ def measure(
     threads: int,
     budget_s: float = 1.0,
 ) -> Measurement:
-    """Size, latency, throughput and metrics of `graph` on `inputs` (the test split).
+    """Size, latency, throughput and metrics of an ONNX graph on `inputs` (the test split)."""
+    runner = session(graph, threads=threads)
+
+    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(runner.run(None, feed)[0])
+
+    return measure_runner(run, len(graph), inputs, evaluate, budget_s=budget_s)
+
+
+def measure_runner(
+    run: Callable[[dict[str, np.ndarray]], np.ndarray],
+    size_bytes: int,
+    inputs: dict[str, np.ndarray],
+    evaluate: Callable[[np.ndarray], dict[str, Any]],
+    *,
+    budget_s: float = 1.0,
+) -> Measurement:
+    """`measure` for any runner (an ONNX Runtime session, a torch module).
 
     Latency: one row per request, repeated for about `budget_s` (at least 30 runs, the rows
     taken in turn); throughput: batches of 32 rows for as long again.
     """
-    runner = session(graph, threads=threads)
-    metrics = evaluate(logits_of(runner, inputs))
     rows = len(next(iter(inputs.values())))
+    logits = np.concatenate(
+        [run({k: v[i : i + 256] for k, v in inputs.items()}) for i in range(0, rows, 256)]
+    ).astype(np.float32, copy=False)
+    metrics = evaluate(logits)
     feeds = [{k: v[i : i + 1] for k, v in inputs.items()} for i in range(min(rows, 256))]
-    runner.run(None, feeds[0])  # warm-up
+    run(feeds[0])  # warm-up
     latencies: list[float] = []
     deadline = time.perf_counter() + budget_s
     while len(latencies) < 30 or time.perf_counter() < deadline:
         feed = feeds[len(latencies) % len(feeds)]
         started = time.perf_counter()
-        runner.run(None, feed)
+        run(feed)
         latencies.append((time.perf_counter() - started) * 1000)
         if len(latencies) >= 5000:
             break
     batch = {k: _tile(v, THROUGHPUT_BATCH) for k, v in inputs.items()}
-    runner.run(None, batch)
+    run(batch)
     done, started = 0, time.perf_counter()
     while done < 30 * THROUGHPUT_BATCH or time.perf_counter() - started < budget_s:
-        runner.run(None, batch)
+        run(batch)
         done += THROUGHPUT_BATCH
     elapsed = time.perf_counter() - started
     return Measurement(
-        size_bytes=len(graph),
+        size_bytes=size_bytes,
         latency_p50_ms=float(np.percentile(latencies, 50)),
         latency_p95_ms=float(np.percentile(latencies, 95)),
         throughput_rows_per_s=done / elapsed,
         metrics=metrics,
     )
+
+
+# -- PyTorch's dynamic quantisation ------------------------------------------------------------
+
+
+def quantize_dynamic_torch(model: Network) -> nn.Module:
+    """PyTorch's dynamic int8 of every linear layer (weights int8 per tensor, activations
+    quantised per batch). It runs under torch only: serving, which is ONNX Runtime, cannot load
+    it, so its version is measured and kept, not deployed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization says it is moving to torchao
+        return torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8
+        )
+
+
+def int8_state(quantized: nn.Module) -> bytes:
+    """The quantised network as safetensors: int8 weights with their scale and zero point, the
+    rest as it was (never a pickle)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in quantized.named_modules():
+        if isinstance(module, DynamicLinear):
+            weight = module.weight()
+            tensors[f"{name}.weight.int8"] = weight.int_repr().contiguous()
+            tensors[f"{name}.weight.scale"] = torch.tensor([weight.q_scale()])
+            tensors[f"{name}.weight.zero_point"] = torch.tensor([weight.q_zero_point()])
+            bias = module.bias()
+            if bias is not None:
+                tensors[f"{name}.bias"] = bias.detach().contiguous()
+    for name, tensor in quantized.state_dict().items():
+        plain = isinstance(tensor, torch.Tensor) and not tensor.is_quantized
+        if plain and name not in tensors and "_packed_params" not in name:
+            tensors[name] = tensor.detach().contiguous()
+    return safetensors.torch.save(tensors)
+
+
+def torch_runner(model: nn.Module) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    names = tuple(model.input_names)  # type: ignore[arg-type]
+
+    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            out = model(*(torch.from_numpy(feed[name]) for name in names))
+        return out.numpy()
+
+    return run
 
 
 def _tile(array: np.ndarray, rows: int) -> np.ndarray:

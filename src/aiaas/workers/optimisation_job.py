@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -189,14 +191,14 @@ def _run(settings: Settings, storage: Storage, lease: JobLease) -> None:
             _stop(lease, stop)
             return
         lease.event(f"Building {_describe(variant)}.")
-        graph, weights, extra = _build(parent, variant, lease, threads=threads)
-        if graph is None:
+        built = _build(parent, variant, lease, threads=threads)
+        if built is None:
             _stop(lease, lease.stop_requested() or Stop.CANCEL)
             return
-        measured = optimise.measure(graph, parent.inputs, parent.evaluate, threads=threads)
-        row = {**_row(measured), **extra, "method": variant["method"], "params": variant}
+        measured = optimise.measure_runner(built.run, built.size, parent.inputs, parent.evaluate)
+        row = {**_row(measured), **built.extra, "method": variant["method"], "params": variant}
         row["compared_to_parent"] = _compare(result["parent"], row)
-        version = _register(registry, parent, lease, graph, weights, row, result["parent"])
+        version = _register(registry, parent, lease, built.artifacts, row, result["parent"])
         row["version"] = version.version
         row["version_id"] = version.id
         result["variants"].append(row)
@@ -263,24 +265,50 @@ def _describe(variant: dict[str, Any]) -> str:
     return method.replace("_", " ")
 
 
+@dataclass
+class _Built:
+    """A variant: what to register, how to run it for measuring, and its own table fields."""
+
+    artifacts: list[tuple[str, bytes]]
+    run: Callable[[dict[str, np.ndarray]], np.ndarray]
+    size: int  # what it takes on disk: its graph or its weights
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _onnx(graph: bytes, threads: int, **extra: Any) -> _Built:
+    runner = optimise.session(graph, threads=threads)
+    return _Built(
+        artifacts=[("model.onnx", graph)],
+        run=lambda feed: np.asarray(runner.run(None, feed)[0]),
+        size=len(graph),
+        extra=extra,
+    )
+
+
 def _build(
     parent: _Parent, variant: dict[str, Any], lease: JobLease, *, threads: int
-) -> tuple[bytes | None, bytes | None, dict[str, Any]]:
-    """(ONNX graph, safetensors weights or None, extra table fields); None graph: stopped."""
+) -> _Built | None:
+    """The variant, or None when a cancel or pause stopped its fine-tune."""
     method = variant["method"]
     graph = parent.files["model.onnx"]
+    if method == "dynamic_int8" and variant.get("engine") == "torch":
+        quantized = optimise.quantize_dynamic_torch(parent.network())
+        weights = optimise.int8_state(quantized)
+        return _Built(
+            artifacts=[("model.int8.safetensors", weights)],
+            run=optimise.torch_runner(quantized),
+            size=len(weights),
+            extra={"engine": "torch", "deployable": False},
+        )
     if method == "dynamic_int8":
-        return optimise.quantize_dynamic(graph), None, {}
+        return _onnx(optimise.quantize_dynamic(graph), threads, engine="onnxruntime")
     if method == "static_int8":
         train = parent.data.train.inputs
         calibration = {k: v[:CALIBRATION_ROWS] for k, v in train.items()}
-        return (
-            optimise.quantize_static(graph, calibration),
-            None,
-            {"calibration_rows": len(next(iter(calibration.values())))},
-        )
+        rows = len(next(iter(calibration.values())))
+        return _onnx(optimise.quantize_static(graph, calibration), threads, calibration_rows=rows)
     if method == "onnx_optimized":
-        return optimise.optimise_graph(graph), None, {}
+        return _onnx(optimise.optimise_graph(graph), threads)
     assert method == "prune"
     model = parent.network()
     optimise.apply_pruning(model, variant["sparsity"], structured=variant.get("structured", False))
@@ -300,29 +328,30 @@ def _build(
         )
         outcome = trainer.run(parent.data.train, parent.data.valid, _Poll(lease)).outcome
         if outcome != "completed":
-            return None, None, {}
+            return None
     optimise.bake_pruning(model)
     weights = safetensors.torch.save({k: v.contiguous() for k, v in model.state_dict().items()})
-    extra = {"sparsity": round(optimise.sparsity_of(model), 6), "fine_tune_epochs": epochs}
-    return export_onnx(model, parent.shape), weights, extra
+    built = _onnx(
+        export_onnx(model, parent.shape),
+        threads,
+        sparsity=round(optimise.sparsity_of(model), 6),
+        fine_tune_epochs=epochs,
+    )
+    built.artifacts.append(("model.safetensors", weights))
+    return built
 
 
 def _register(
     registry: RegistryService,
     parent: _Parent,
     lease: JobLease,
-    graph: bytes,
-    weights: bytes | None,
+    built: list[tuple[str, bytes]],
     row: dict[str, Any],
     parent_row: dict[str, Any],
 ) -> ModelVersion:
     job = lease.job
     source = parent.version
-    artifacts = [
-        ("model.onnx", graph),
-        *((name, parent.files[name]) for name in KEEP),
-        *((("model.safetensors", weights),) if weights is not None else ()),
-    ]
+    artifacts = [*built, *((name, parent.files[name]) for name in KEEP)]
     metrics = {
         "evaluation": row["evaluation"],
         "evaluated_on": parent.split_name,
