@@ -63,7 +63,8 @@ QUANT_TYPES: tuple[str, ...] = tuple(_FTYPES)
 
 GGUF_MAGIC = b"GGUF"
 MIN_PERPLEXITY_CTX = 16
-_GGML_LOG_ERROR = 3
+# ggml.h's `ggml_log_level` as built: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5.
+_GGML_LOG_ERROR = 4
 
 _llama_log = logging.getLogger("aiaas.llama_cpp")
 
@@ -110,7 +111,7 @@ def requantize(source: Path, target: Path, quant_type: str, *, threads: int) -> 
             reason = errors[-1] if errors else f"status {status}"
             reason = reason.replace(str(source), source.name).replace(str(partial), target.name)
             raise ServerError(
-                f"llama.cpp could not re-quantise the model to {quant_type}: {reason}"
+                f"llama.cpp could not re-quantise the model to {quant_type.upper()}: {reason}"
             )
         os.replace(partial, target)
     finally:
@@ -142,6 +143,7 @@ def _log_and_capture(level: int, text: bytes, _user_data: ctypes.c_void_p) -> No
     message = text.decode("utf-8", errors="replace").rstrip()
     if not message:
         return
+    # The quantiser warns once per tensor that falls back to another type: debug level.
     _llama_log.log(logging.ERROR if level == _GGML_LOG_ERROR else logging.DEBUG, "%s", message)
     errors: list[str] | None = getattr(_capture, "errors", None)
     if errors is not None and level == _GGML_LOG_ERROR:

@@ -17,7 +17,8 @@ import llama_cpp
 from aiaas.errors import ConfigurationError, InvalidRequest
 
 _llama_log = logging.getLogger("aiaas.llama_cpp")
-_LLAMA_LEVELS = {1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+# ggml.h: GGML_LOG_LEVEL_DEBUG 1, INFO 2, WARN 3, ERROR 4 (CONT 5 continues a line).
+_LLAMA_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 
 
 @llama_cpp.llama_log_callback
