@@ -19,7 +19,7 @@ from aiaas.engines.embeddings.export import minilm_l6_v2_dir
 from aiaas.engines.llm.bundled import BUNDLED_GGUF
 from aiaas.engines.llm.engine import EngineConfig
 from aiaas.engines.pool import EmbedderSpec, LlmSpec, ModelPool
-from aiaas.errors import ConfigurationError
+from aiaas.errors import ApiError, ConfigurationError
 from aiaas.observability.metrics import Metrics
 from aiaas.scheduling.batcher import BatcherConfig
 from aiaas.scheduling.fair import make_policy
@@ -187,7 +187,9 @@ class Platform:
                 metrics,
             ),
             bundles=BundleService(registry),
-            optimisations=OptimisationService(db, registry, jobs, audit),
+            optimisations=OptimisationService(
+                db, registry, jobs, audit, llm_file=functools.partial(_llm_file, pool)
+            ),
         )
 
     def start_models(self) -> None:
@@ -234,6 +236,14 @@ class Platform:
         self.pool.close()
         self.blobs.close()
         self.db.close()
+
+
+def _llm_file(pool: ModelPool, model_id: str) -> Path | None:
+    """The GGUF file of a served LLM (None: no such LLM is loaded)."""
+    try:
+        return pool.llm(model_id).model.info.path
+    except ApiError:
+        return None
 
 
 def model_specs(settings: Settings) -> list[LlmSpec | EmbedderSpec]:

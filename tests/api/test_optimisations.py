@@ -241,3 +241,49 @@ def test_bad_optimisation_requests_are_4xx(sqlite_server: Server) -> None:
         assert_error(missing, 404)
         # A training job is not an optimisation, and the other way round.
         assert_error(http.get(f"/v1/optimisations/{job.id}"), 404)
+
+
+@pytest.mark.slow
+def test_a_gguf_llm_is_requantised_and_measured(llm_server: Server) -> None:
+    org = create_org(llm_server)
+    variants = [{"method": "gguf", "quant_type": "Q8_0"}, {"method": "gguf", "quant_type": "Q4_0"}]
+    with llm_server.client(org.api_key) as http:
+        created = http.post(
+            "/v1/optimisations", json={"model": "smollm2-135m-instruct", "variants": variants}
+        )
+        assert created.status_code == 200, created.text
+        assert created.json()["version"] is None
+    done = wait_for_optimisation(llm_server, org, created.json()["id"])
+    result = done["result"]
+    parent, q8, q4 = result["parent"], *result["variants"]
+    assert parent["model"] == "smollm2-135m-instruct"
+    # The source is Q4_1: Q8_0 is larger and about as good, Q4_0 smaller and a little worse.
+    assert q8["size_bytes"] > parent["size_bytes"] > q4["size_bytes"]
+    assert q8["metrics"]["perplexity"] == pytest.approx(parent["metrics"]["perplexity"], rel=0.1)
+    assert q4["metrics"]["perplexity"] > q8["metrics"]["perplexity"]
+    for row in (parent, q8, q4):
+        assert row["throughput_tokens_per_s"] > 0 and row["latency_p50_ms"] > 0
+        assert row["tokens_scored"] > 0
+    name = f"gguf:smollm2-135m-instruct:{org.name}"
+    with llm_server.client(org.api_key) as http:
+        versions = http.get(f"/v1/models/{name}/versions").json()["data"]
+    by_number = {v["version"]: v for v in versions}
+    assert by_number[q8["version"]]["lineage"]["quant_type"] == "Q8_0"
+    assert by_number[q4["version"]]["artifacts"][0]["name"] == "model.gguf"
+    shown = run(llm_server, org.api_key, "optimise", "show", done["id"])
+    assert shown.returncode == 0 and "Q8_0" in shown.stdout and "perplexity" in shown.stdout
+
+
+def test_gguf_variants_only_fit_gguf_llms(llm_server: Server) -> None:
+    org = create_org(llm_server)
+    q8 = {"method": "gguf", "quant_type": "Q8_0"}
+    with llm_server.client(org.api_key) as http:
+        for body, status in (
+            ({"model": "no-such-llm", "variants": [q8]}, 404),
+            ({"model": "all-minilm-l6-v2", "variants": [q8]}, 404),
+            ({"model": "smollm2-135m-instruct", "variants": [q8, {"method": "static_int8"}]}, 400),
+            ({"model": "smollm2-135m-instruct", "version": 2, "variants": [q8]}, 400),
+            ({"model": "smollm2-135m-instruct", "variants": [{**q8, "quant_type": "Q9"}]}, 400),
+            ({"model": "smollm2-135m-instruct", "variants": [q8], "eval_text": ""}, 400),
+        ):
+            assert_error(http.post("/v1/optimisations", json=body), status)

@@ -146,3 +146,11 @@ def test_generation_speed_measures_positive_rates(source: Path) -> None:
     for value in (speed.prompt_tokens_per_s, speed.generated_tokens_per_s, speed.first_token_ms):
         assert math.isfinite(value)
         assert value > 0
+
+
+def test_the_api_offers_exactly_the_supported_types() -> None:
+    from typing import get_args
+
+    from aiaas.protocol.optimisations import Gguf
+
+    assert get_args(Gguf.model_fields["quant_type"].annotation) == QUANT_TYPES

@@ -124,7 +124,8 @@ def _show(job: dict[str, Any], as_json: bool) -> None:
     out = Console(soft_wrap=True)
     if not out.is_terminal:  # a pipe or a file: room for the whole table, never wrapped cells
         out = Console(soft_wrap=True, width=200)
-    out.print(f"{job['id']}  {job['model']} version {job['version']}: {job['status']}")
+    which = f" version {job['version']}" if job.get("version") else ""
+    out.print(f"{job['id']}  {job['model']}{which}: {job['status']}")
     if job.get("error"):
         out.print(f"error: {job['error'].get('message')}", markup=False)
     result = job.get("result")
@@ -132,30 +133,34 @@ def _show(job: dict[str, Any], as_json: bool) -> None:
         return
     parent = result["parent"]
     names = [k for k, v in parent["metrics"].items() if v is not None][:3]
-    table = Table(
-        "variant", "version", "size", "p50 ms", "p95 ms", "rows/s @32", *names, "sparsity"
-    )
+    throughput = "tokens/s" if "throughput_tokens_per_s" in parent else "rows/s @32"
+    table = Table("variant", "version", "size", "p50 ms", "p95 ms", throughput, *names, "sparsity")
     table.add_row(*_cells("parent", parent, names))
     for row in result["variants"]:
         label = row["method"]
+        if row["method"] == "gguf":
+            label = row["params"]["quant_type"]
         if row["method"] == "prune":
             label += f" {row['params']['sparsity']:g}" + (
                 " structured" if row["params"].get("structured") else ""
             )
         table.add_row(*_cells(label, row, names))
     out.print(table)
-    out.print(f"measured on {result['rows']} {result['split']} rows")
+    if result.get("rows"):
+        out.print(f"measured on {result['rows']} {result['split']} rows")
+    else:
+        out.print(f"measured on {result['split']}")
 
 
 def _cells(label: str, row: dict[str, Any], names: list[str]) -> list[Any]:
     metrics = row["metrics"]
     return cells(
         label,
-        row["version"],
+        row.get("version", ""),
         _size(row["size_bytes"]),
         f"{row['latency_p50_ms']:.3f}",
         f"{row['latency_p95_ms']:.3f}",
-        f"{row['throughput_rows_per_s']:.0f}",
+        f"{row.get('throughput_rows_per_s') or row.get('throughput_tokens_per_s') or 0:.0f}",
         *(f"{metrics[n]:.4f}" if metrics.get(n) is not None else "" for n in names),
         f"{row['sparsity']:.3f}" if row.get("sparsity") is not None else "",
     )

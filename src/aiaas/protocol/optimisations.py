@@ -46,14 +46,34 @@ class Prune(Request):
     fine_tune_epochs: int = Field(default=1, ge=0, le=20)
 
 
-Variant = Annotated[DynamicInt8 | StaticInt8 | OnnxOptimized | Prune, Field(discriminator="method")]
+class Gguf(Request):
+    """A GGUF LLM re-quantised by llama.cpp's quantiser to another type."""
+
+    method: Literal["gguf"]
+    quant_type: Literal[
+        "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S",
+        "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K",
+    ]  # fmt: skip
+
+
+Variant = Annotated[
+    DynamicInt8 | StaticInt8 | OnnxOptimized | Prune | Gguf, Field(discriminator="method")
+]
 
 
 class OptimisationCreate(Request):
-    model: ModelRef = Field(description="A registered (trained) model.")
+    model: ModelRef = Field(
+        description="A registered (trained) model, or a served GGUF LLM for `gguf` variants."
+    )
     version: int | None = Field(default=None, ge=1, le=10**9, description="Default: latest.")
     variants: list[Variant] = Field(min_length=1, max_length=8)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    eval_text: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200_000,
+        description="GGUF only: held-out text for perplexity (default: a built-in English text).",
+    )
 
     def request(self) -> OptimisationRequest:
         return OptimisationRequest(
@@ -61,6 +81,7 @@ class OptimisationCreate(Request):
             version=self.version,
             variants=[v.model_dump() for v in self.variants],
             seed=self.seed,
+            eval_text=self.eval_text,
         )
 
 
@@ -68,7 +89,7 @@ class OptimisationJob(BaseModel):
     object: Literal["optimisation"] = "optimisation"
     id: str
     model: str
-    version: int
+    version: int | None = Field(description="The version optimised; null for a GGUF LLM.")
     status: str
     variants: list[dict[str, Any]]
     created_at: int
@@ -86,7 +107,7 @@ class OptimisationJob(BaseModel):
         return cls(
             id=job.id,
             model=job.spec["model_id"],
-            version=job.spec["version"],
+            version=job.spec.get("version"),
             status=job.status.value,
             variants=job.spec["variants"],
             created_at=int(job.created_at),

@@ -355,8 +355,11 @@ class JobService:
 
 def fine_tuned_name(base: str, org_name: str, suffix: str | None, job_id: str) -> str:
     """`ft:<base>:<org>:<suffix>:<job>`, as OpenAI names fine-tuned models."""
-    org_slug = _SLUG.sub("-", org_name.lower()).strip("-")[:40] or "org"
-    return f"ft:{base}:{org_slug}:{suffix or ''}:{job_id.removeprefix('ftjob-')}"
+    return f"ft:{base}:{org_slug(org_name)}:{suffix or ''}:{job_id.removeprefix('ftjob-')}"
+
+
+def org_slug(org_name: str) -> str:
+    return _SLUG.sub("-", org_name.lower()).strip("-")[:40] or "org"
 
 
 def _no_job(job_id: str) -> NotFound:

@@ -8,20 +8,23 @@ through the job service, scoped to this kind of job.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiaas.domain import Actor, Job
-from aiaas.errors import InvalidRequest
+from aiaas.errors import InvalidRequest, ModelNotFound, NotFound
 from aiaas.ids import new_id
 from aiaas.services.audit import AuditService
-from aiaas.services.jobs import JobService
+from aiaas.services.jobs import JobService, org_slug
 from aiaas.services.registry import RegistryService
 from aiaas.storage.db import Database
 from aiaas.storage.repos import jobs as repo
+from aiaas.storage.repos import tenancy as tenancy_repo
 
 OPTIMISATION = "optimisation"
+GGUF = "gguf"
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,20 +33,42 @@ class OptimisationRequest:
     version: int | None
     variants: Sequence[dict[str, Any]]  # {"method": ..., method parameters}
     seed: int | None = None
+    eval_text: str | None = None  # GGUF: the held-out text perplexity is measured on
 
 
 class OptimisationService:
     def __init__(
-        self, db: Database, registry: RegistryService, jobs: JobService, audit: AuditService
+        self,
+        db: Database,
+        registry: RegistryService,
+        jobs: JobService,
+        audit: AuditService,
+        *,
+        llm_file: Callable[[str], Path | None] = lambda _model: None,
     ) -> None:
         self._db = db
         self._registry = registry
         self.jobs = jobs.of_kind(OPTIMISATION)
         self._audit = audit
+        self._llm_file = llm_file  # a served LLM's GGUF file, or None
 
     def create(
         self, *, org_id: str, project_id: str, actor: Actor, request: OptimisationRequest
     ) -> Job:
+        gguf = [v for v in request.variants if v["method"] == GGUF]
+        if gguf:
+            if len(gguf) != len(request.variants):
+                raise InvalidRequest(
+                    "gguf variants re-quantise a GGUF LLM; the other methods are for trained "
+                    "models: ask for them in separate jobs.",
+                    param="variants",
+                )
+            return self._create_gguf(org_id, project_id, actor, request)
+        if request.eval_text is not None:
+            raise InvalidRequest(
+                "eval_text is for GGUF LLMs; a trained model is measured on its test split.",
+                param="eval_text",
+            )
         model = self._registry.get_model(org_id=org_id, model_id=request.model)  # 404
         number = request.version if request.version is not None else model.latest_version
         if number is None:
@@ -74,13 +99,84 @@ class OptimisationService:
                 param="variants",
             )
         job_id = new_id("optjob", sep="-")
-        seed = request.seed if request.seed is not None else int.from_bytes(job_id.encode()[-4:])
         spec = {
             "model_id": model.id,
             "version": number,
             "version_id": version.id,
             "variants": list(request.variants),
         }
+        return self._insert(
+            job_id,
+            org_id=org_id,
+            project_id=project_id,
+            actor=actor,
+            request=request,
+            spec=spec,
+            base=model.base,
+            task=model.task,
+            dataset_version_id=version.dataset_version_id,
+            register_to=model.id,
+            what=f"{model.id} version {number}",
+        )
+
+    def _create_gguf(
+        self, org_id: str, project_id: str, actor: Actor, request: OptimisationRequest
+    ) -> Job:
+        path = self._llm_file(request.model)
+        if path is None:
+            if self._registry.find_model(org_id=org_id, model_id=request.model) is not None:
+                raise InvalidRequest(
+                    f"'{request.model}' is a trained model, not a GGUF LLM: use the int8, "
+                    "pruning or onnx_optimized methods.",
+                    param="variants",
+                )
+            raise ModelNotFound(
+                f"The model '{request.model}' is not a served GGUF LLM.", param="model"
+            )
+        if request.version is not None:
+            raise InvalidRequest("A GGUF LLM has no versions to choose from.", param="version")
+        with self._db.read() as conn:
+            org = tenancy_repo.get_org(conn, org_id)
+        if org is None:
+            raise NotFound(f"No organization with id {org_id!r}.")
+        job_id = new_id("optjob", sep="-")
+        spec = {
+            "source": GGUF,
+            "model_id": request.model,
+            "path": str(path),
+            "variants": list(request.variants),
+            "eval_text": request.eval_text,
+        }
+        return self._insert(
+            job_id,
+            org_id=org_id,
+            project_id=project_id,
+            actor=actor,
+            request=request,
+            spec=spec,
+            base=request.model[:64],
+            task="text-generation",
+            dataset_version_id="",
+            register_to=f"gguf:{request.model}:{org_slug(org.name)}",
+            what=request.model,
+        )
+
+    def _insert(
+        self,
+        job_id: str,
+        *,
+        org_id: str,
+        project_id: str,
+        actor: Actor,
+        request: OptimisationRequest,
+        spec: dict[str, Any],
+        base: str,
+        task: str,
+        dataset_version_id: str,
+        register_to: str,
+        what: str,
+    ) -> Job:
+        seed = request.seed if request.seed is not None else int.from_bytes(job_id.encode()[-4:])
         with self._db.write() as conn:
             job = repo.insert_job(
                 conn,
@@ -88,21 +184,19 @@ class OptimisationService:
                 org_id=org_id,
                 project_id=project_id,
                 kind=OPTIMISATION,
-                model=model.base,
-                dataset_version_id=version.dataset_version_id,
-                task=model.task,
+                model=base,
+                dataset_version_id=dataset_version_id,
+                task=task,
                 target_column="",
                 spec=spec,
                 seed=seed % 2**31,
                 suffix=None,
                 metadata=None,
-                register_to=model.id,
+                register_to=register_to,
                 created_by=actor.id,
             )
             repo.add_event(
-                conn,
-                job_id=job_id,
-                message=f"Queued {len(request.variants)} variants of {model.id} version {number}.",
+                conn, job_id=job_id, message=f"Queued {len(request.variants)} variants of {what}."
             )
             self._audit.record(
                 conn,
@@ -112,7 +206,7 @@ class OptimisationService:
                 target_id=job_id,
                 org_id=org_id,
                 project_id=project_id,
-                data={"kind": OPTIMISATION, "model": model.id, "version": number},
+                data={"kind": OPTIMISATION, "model": request.model, "version": spec.get("version")},
             )
         self.jobs.wake()
         return job

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,7 +64,10 @@ def run_optimisation_job(
         torch.set_num_threads(settings.training_threads)
         with JobLease(storage, job, token, shutdown) as lease:
             try:
-                _run(settings, storage, lease)
+                if job.spec.get("source") == "gguf":
+                    _run_gguf(settings, storage, lease)
+                else:
+                    _run(settings, storage, lease)
             except ApiError as exc:
                 lease.finish(
                     JobStatus.FAILED,
@@ -244,13 +249,17 @@ def _compare(parent: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "size_ratio": round(row["size_bytes"] / parent["size_bytes"], 4),
         "latency_p50_ratio": _ratio(row["latency_p50_ms"], parent["latency_p50_ms"]),
-        "throughput_ratio": _ratio(row["throughput_rows_per_s"], parent["throughput_rows_per_s"]),
+        "throughput_ratio": _ratio(_throughput(row), _throughput(parent)),
     }
     for name, value in row["metrics"].items():
         before = parent["metrics"].get(name)
         if value is not None and before is not None:
             out[f"{name}_change"] = round(value - before, 6)
     return out
+
+
+def _throughput(row: dict[str, Any]) -> float:
+    return float(row.get("throughput_rows_per_s") or row.get("throughput_tokens_per_s") or 0)
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -388,3 +397,111 @@ def _register(
         ),
         actor=Actor(type="job", id=job.id),
     )
+
+
+# -- GGUF LLMs ----------------------------------------------------------------------------------
+
+SPEED_RUNS = 5
+
+
+def _run_gguf(settings: Settings, storage: Storage, lease: JobLease) -> None:
+    """Re-quantise a served LLM's GGUF file to each requested type; measure size, perplexity on
+    held-out text and generation speed against the source; register each file as a version of
+    the organisation's `gguf:<model>:<org>` model."""
+    from aiaas.training import gguf
+
+    job = lease.job
+    spec = job.spec
+    source = Path(spec["path"])
+    text = spec.get("eval_text") or gguf.DEFAULT_EVAL_TEXT
+    threads = settings.training_threads
+    registry = RegistryService(storage.db, storage.blobs, AuditService(storage.db))
+    result: dict[str, Any] = dict(job.result or {})
+    if "parent" not in result:
+        lease.event(f"Measuring {spec['model_id']} ({source.name}).")
+        result = {
+            "parent": {"model": spec["model_id"], **_measure_gguf(source, text, threads)},
+            "split": "held-out text",
+            "rows": None,
+            "variants": [],
+        }
+        _save(storage, lease, result)
+    done = len(result["variants"])
+    scratch = settings.data_dir / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    for variant in spec["variants"][done:]:
+        if (stop := lease.stop_requested()) is not None:
+            _stop(lease, stop)
+            return
+        quant = variant["quant_type"]
+        lease.event(f"Re-quantising to {quant}.")
+        with tempfile.TemporaryDirectory(dir=scratch, prefix=f"{job.id}-") as tmp:
+            target = Path(tmp) / f"{source.stem}.{quant}.gguf"
+            gguf.requantize(source, target, quant, threads=threads)
+            row = {**_measure_gguf(target, text, threads), "method": "gguf", "params": variant}
+            row["compared_to_parent"] = _compare(result["parent"], row)
+            version = registry.register(
+                NewVersion(
+                    org_id=job.org_id,
+                    project_id=job.project_id,
+                    model_id=job.register_to or f"gguf:{spec['model_id']}",
+                    base=job.model,
+                    task="text-generation",
+                    artifacts=[("model.gguf", target.read_bytes())],
+                    metrics={
+                        "summary": row["metrics"],
+                        "optimisation": {
+                            "method": "gguf",
+                            "params": variant,
+                            "measurement": row,
+                            "parent": result["parent"],
+                        },
+                    },
+                    lineage={
+                        "job_id": job.id,
+                        "parent_model": spec["model_id"],
+                        "parent_file": source.name,
+                        "quant_type": quant,
+                        "code_version": f"aiaas {__version__}",
+                    },
+                    dataset_version_id=None,
+                    job_id=job.id,
+                ),
+                actor=Actor(type="job", id=job.id),
+            )
+        row["version"], row["version_id"] = version.version, version.id
+        result["variants"].append(row)
+        _save(storage, lease, result)
+        lease.event(
+            f"Registered {quant} as version {version.version}: {row['size_bytes']} bytes, "
+            f"perplexity {row['metrics']['perplexity']:.3f}."
+        )
+    lease.finish(
+        JobStatus.SUCCEEDED,
+        "The job has successfully completed.",
+        result=json.dumps(result),
+        fine_tuned_model=job.register_to,
+    )
+
+
+def _measure_gguf(path: Path, text: str, threads: int) -> dict[str, Any]:
+    from aiaas.training import gguf
+
+    try:
+        scored = gguf.perplexity(path, text, n_ctx=512, threads=threads)
+    except InvalidRequest:  # a short text: smaller windows, else the job says it is too short
+        scored = gguf.perplexity(path, text, n_ctx=128, threads=threads)
+    speeds = [gguf.generation_speed(path, threads=threads) for _ in range(SPEED_RUNS)]
+    first = [s.first_token_ms for s in speeds]
+    generated = float(np.median([s.generated_tokens_per_s for s in speeds]))
+    prompt = float(np.median([s.prompt_tokens_per_s for s in speeds]))
+    return {
+        "size_bytes": path.stat().st_size,
+        "latency_p50_ms": round(float(np.percentile(first, 50)), 3),
+        "latency_p95_ms": round(float(np.percentile(first, 95)), 3),
+        "throughput_tokens_per_s": round(generated, 2),
+        "prompt_tokens_per_s": round(prompt, 2),
+        "metrics": {"perplexity": round(scored.perplexity, 4)},
+        "tokens_scored": scored.tokens_scored,
+        "n_ctx": scored.n_ctx,
+    }
