@@ -196,6 +196,15 @@ def test_a_variant_deploys_and_predicts_like_its_parent(optimised: dict[str, Any
 
 
 @pytest.mark.slow
+def test_metrics_count_jobs_by_org_and_state(optimised: dict[str, Any]) -> None:
+    server, org = optimised["server"], optimised["org"]
+    with server.client(server.admin_key) as admin:
+        text = admin.get("/metrics").text
+    # The training job and the optimisation job.
+    assert f'aiaas_jobs{{org="{org.id}",state="succeeded"}} 2.0' in text
+
+
+@pytest.mark.slow
 def test_the_cli_prints_the_comparison_table(optimised: dict[str, Any]) -> None:
     shown = run(
         optimised["server"], optimised["org"].api_key, "optimise", "show", optimised["job"]["id"]
