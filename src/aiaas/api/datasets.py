@@ -34,7 +34,7 @@ DatasetId = Annotated[str, path_id("A dataset id.")]
 VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1, description="A version number.")]
 
 
-def get_datasets(platform: PlatformDep) -> DatasetService:
+async def get_datasets(platform: PlatformDep) -> DatasetService:
     return platform.datasets
 
 

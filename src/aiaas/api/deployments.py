@@ -35,7 +35,7 @@ DeploymentId = Annotated[str, path_id("A deployment id.")]
 AliasPath = Annotated[AliasName, Path(description="An alias name.")]
 
 
-def get_deployments(platform: PlatformDep) -> DeploymentService:
+async def get_deployments(platform: PlatformDep) -> DeploymentService:
     return platform.deployments
 
 

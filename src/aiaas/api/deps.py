@@ -26,7 +26,7 @@ ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 _bearer = HTTPBearer(auto_error=False, description="An aiaas API key: `sk-aiaas-...`.")
 
 
-def get_platform(request: Request) -> Platform:
+async def get_platform(request: Request) -> Platform:
     platform: Platform = request.app.state.platform
     return platform
 
@@ -34,15 +34,15 @@ def get_platform(request: Request) -> Platform:
 PlatformDep = Annotated[Platform, Depends(get_platform)]
 
 
-def get_keys(platform: PlatformDep) -> KeyService:
+async def get_keys(platform: PlatformDep) -> KeyService:
     return platform.keys
 
 
-def get_tenancy(platform: PlatformDep) -> TenancyService:
+async def get_tenancy(platform: PlatformDep) -> TenancyService:
     return platform.tenancy
 
 
-def get_audit(platform: PlatformDep) -> AuditService:
+async def get_audit(platform: PlatformDep) -> AuditService:
     return platform.audit
 
 
@@ -164,14 +164,14 @@ def metered(endpoint: str) -> Callable[..., Awaitable[MeteredCall]]:
     return begin
 
 
-def get_registry(platform: PlatformDep) -> RegistryService:
+async def get_registry(platform: PlatformDep) -> RegistryService:
     return platform.registry
 
 
 RegistryDep = Annotated[RegistryService, Depends(get_registry)]
 
 
-def get_predictions(platform: PlatformDep) -> PredictionService:
+async def get_predictions(platform: PlatformDep) -> PredictionService:
     return platform.predictions
 
 

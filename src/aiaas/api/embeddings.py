@@ -14,7 +14,7 @@ from aiaas.services.metering import MeteredCall
 router = APIRouter(prefix="/v1", tags=["inference"])
 
 
-def get_embeddings(platform: PlatformDep) -> EmbeddingService:
+async def get_embeddings(platform: PlatformDep) -> EmbeddingService:
     return platform.embeddings
 
 

@@ -25,7 +25,7 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 FileId = Annotated[str, path_id("A file id.")]
 
 
-def get_files(platform: PlatformDep) -> FileService:
+async def get_files(platform: PlatformDep) -> FileService:
     return platform.files
 
 

@@ -22,7 +22,7 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 JobId = Annotated[str, path_id("A fine-tuning job id.")]
 
 
-def get_jobs(platform: PlatformDep) -> JobService:
+async def get_jobs(platform: PlatformDep) -> JobService:
     return platform.jobs
 
 

@@ -46,7 +46,7 @@ ChatCallDep = Annotated[MeteredCall, Depends(metered("chat.completions"))]
 CompletionCallDep = Annotated[MeteredCall, Depends(metered("completions"))]
 
 
-def get_inference(platform: PlatformDep) -> InferenceService:
+async def get_inference(platform: PlatformDep) -> InferenceService:
     return platform.inference
 
 

@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1/optimisations", tags=["optimisations"])
 JobId = Annotated[str, path_id("An optimisation job id.")]
 
 
-def get_optimisations(platform: PlatformDep) -> OptimisationService:
+async def get_optimisations(platform: PlatformDep) -> OptimisationService:
     return platform.optimisations
 
 

@@ -84,7 +84,7 @@ def download_artifact(
     )
 
 
-def get_bundles(platform: PlatformDep) -> BundleService:
+async def get_bundles(platform: PlatformDep) -> BundleService:
     return platform.bundles
 
 

@@ -131,7 +131,11 @@ class EmbeddingService:
                 f"dimensions is {request.dimensions}; model '{loaded.id}' has {dimension}.",
                 param="dimensions",
             )
-        ids = await run_in_threadpool(_token_ids, loaded, request.items())
+        items = request.items()
+        if _small(items):  # a few short texts tokenise faster than a hop to a thread
+            ids = _token_ids(loaded, items)
+        else:
+            ids = await run_in_threadpool(_token_ids, loaded, items)
         org = principal.org_id or "platform"
         vectors = await loaded.batcher.submit(ids, tenant=org, weight=principal.weight)
         matrix = np.stack(vectors).astype(np.float32, copy=False)
@@ -148,6 +152,18 @@ class EmbeddingService:
             model=loaded.id,
             usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
         )
+
+
+INLINE_CHARS = 2048
+
+
+def _small(items: list[str] | list[list[int]]) -> bool:
+    size = 0
+    for item in items:
+        size += len(item)
+        if size > INLINE_CHARS:
+            return False
+    return True
 
 
 def _token_ids(loaded: LoadedEmbedder, items: list[str] | list[list[int]]) -> list[list[int]]:
