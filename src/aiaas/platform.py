@@ -138,6 +138,7 @@ class Platform:
                 n_batch=settings.llm_batch,
                 n_threads=settings.llm_threads,
                 max_waiting=settings.llm_max_waiting,
+                headroom_slots=settings.llm_headroom_slots,
             ),
             scheduling=settings.scheduling,
         )

@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     )
     llm_batch: int = Field(default=512, ge=16, le=8192, description="Tokens per decode step.")
     llm_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    llm_headroom_slots: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="Slots each LLM keeps free for an organisation with nothing running while "
+        "several are active (0: none).",
+    )
     llm_max_waiting: int = Field(
         default=256, ge=1, description="Queued requests per model before 429."
     )

@@ -28,15 +28,26 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaModel]:
     loaded.close()
 
 
-def _flood(model: LlamaModel, mode: str, *, quiet_weight: float = 1.0) -> tuple[list[str], int]:
-    """32 requests from `noisy`, then 4 from `quiet` once the engine is busy; the admission
-    order, and how many admissions came before the quiet tenant's requests arrived."""
-    engine = LlmEngine(
+def _engine(model: LlamaModel, mode: str, *, headroom: int = 0) -> LlmEngine:
+    return LlmEngine(
         model,
-        EngineConfig(n_slots=SLOTS, n_ctx=4096, context_length=512, n_batch=256, n_threads=2),
+        EngineConfig(
+            n_slots=SLOTS,
+            n_ctx=4096,
+            context_length=512,
+            n_batch=256,
+            n_threads=2,
+            headroom_slots=headroom,
+        ),
         name="smollm2",
         policy=make_policy(mode),  # type: ignore[arg-type]
     )
+
+
+def _flood(model: LlamaModel, mode: str, *, quiet_weight: float = 1.0) -> tuple[list[str], int]:
+    """32 requests from `noisy`, then 4 from `quiet` once the engine is busy; the admission
+    order, and how many admissions came before the quiet tenant's requests arrived."""
+    engine = _engine(model, mode)
     engine.start()
     done = threading.Semaphore(0)
 
@@ -95,3 +106,41 @@ def test_weight_buys_a_larger_share_and_fifo_starves(model: LlamaModel) -> None:
     # The same load first come, first served: the quiet tenant waits behind the whole flood.
     order, before = _flood(model, "fifo")
     assert _quiet_positions(order, before)[0] == FLOOD - before + 1, order
+
+
+@pytest.mark.slow
+def test_headroom_lets_a_quiet_tenant_start_at_once(model: LlamaModel) -> None:
+    """With one slot of headroom, once two tenants are active the flood holds at most
+    SLOTS - 1 slots, and each later request of the quiet tenant starts in the free one."""
+    engine = _engine(model, "fair", headroom=1)
+    engine.start()
+    finished: dict[str, threading.Semaphore] = {"noisy": threading.Semaphore(0)}
+    prompt = model.tokenize("Once upon a time, in a quiet village,", add_special=True)
+    long = SamplingParams(max_tokens=48, temperature=0.0)
+
+    def submit(tenant: str, params: SamplingParams, done: threading.Semaphore) -> None:
+        def sink(event: Event) -> None:
+            if isinstance(event, Final):
+                done.release()
+
+        engine.submit(
+            engine.request(
+                prompt, params, max_new_tokens=params.max_tokens or 1, sink=sink, tenant=tenant
+            )
+        )
+
+    try:
+        for _ in range(FLOOD):
+            submit("noisy", long, finished["noisy"])
+        quiet_done = threading.Semaphore(0)
+        short = SamplingParams(max_tokens=4, temperature=0.0)
+        for _ in range(QUIET):
+            submit("quiet", short, quiet_done)
+            assert quiet_done.acquire(timeout=120)
+            # Between the quiet tenant's requests the flood leaves the headroom free.
+            assert engine.stats().busy_slots <= SLOTS - 1
+        assert engine.stats().headroom_admissions >= QUIET - 1
+        for _ in range(FLOOD):
+            assert finished["noisy"].acquire(timeout=300)
+    finally:
+        engine.close()

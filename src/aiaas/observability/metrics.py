@@ -131,6 +131,11 @@ class _EngineCollector(Collector):
         generated = CounterMetricFamily(
             "aiaas_llm_generated_tokens", "Tokens the engine has sampled.", labels=["model"]
         )
+        headroom = CounterMetricFamily(
+            "aiaas_llm_headroom_admissions",
+            "Requests started in a slot kept free for an organisation with nothing running.",
+            labels=["model"],
+        )
         for model, stats in self._source():
             slots.add_metric([model], stats.slots)
             busy.add_metric([model], stats.busy_slots)
@@ -138,7 +143,8 @@ class _EngineCollector(Collector):
             cells.add_metric([model], stats.reserved_cells)
             steps.add_metric([model], stats.steps)
             generated.add_metric([model], stats.generated_tokens)
-        yield from (slots, busy, waiting, cells, steps, generated)
+            headroom.add_metric([model], stats.headroom_admissions)
+        yield from (slots, busy, waiting, cells, steps, generated, headroom)
 
 
 class _PoolCollector(Collector):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, Literal, Protocol, TypeVar
 
@@ -35,6 +36,10 @@ class AdmissionPolicy(Protocol[T]):
     def pop(self) -> Ticket[T]:
         """Remove and return the item `peek` named."""
 
+    def first(self, accept: Callable[[Ticket[T]], bool]) -> Ticket[T] | None:
+        """The item that would go first among those `accept` takes (a tenant's items keep their
+        order: only the head of each tenant's line is a candidate)."""
+
     def remove(self, item: T) -> bool:
         """Drop a waiting item (its client left); False if it was not waiting."""
 
@@ -53,6 +58,14 @@ class FifoPolicy(Generic[T]):
 
     def pop(self) -> Ticket[T]:
         return self._queue.popleft()
+
+    def first(self, accept: Callable[[Ticket[T]], bool]) -> Ticket[T] | None:
+        seen: set[str] = set()
+        for ticket in self._queue:
+            if ticket.tenant not in seen and accept(ticket):
+                return ticket
+            seen.add(ticket.tenant)
+        return None
 
     def remove(self, item: T) -> bool:
         for ticket in self._queue:
@@ -123,6 +136,12 @@ class WeightedFairPolicy(Generic[T]):
         self._virtual = max(self._virtual, start)
         self._size -= 1
         return ticket
+
+    def first(self, accept: Callable[[Ticket[T]], bool]) -> Ticket[T] | None:
+        heads = sorted(
+            (queue[0] for queue in self._queues.values()), key=lambda entry: (entry[0], entry[2])
+        )
+        return next((entry[3] for entry in heads if accept(entry[3])), None)
 
     def remove(self, item: T) -> bool:
         for tenant, queue in self._queues.items():

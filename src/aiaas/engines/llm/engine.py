@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+import time
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -48,6 +49,11 @@ class EngineConfig:
     n_batch: int = 512  # tokens per decode step
     n_threads: int = 2
     max_waiting: int = 256  # queued requests before new ones get 429
+    # Slots kept free for a tenant with nothing running while several tenants are active (seen
+    # in the last `tenant_window_s`): its request starts at once instead of waiting for a busy
+    # tenant's request to end. One tenant alone uses every slot.
+    headroom_slots: int = 1
+    tenant_window_s: float = 30.0
 
 
 @dataclass(eq=False)
@@ -100,6 +106,7 @@ class EngineStats:
     prompt_tokens: int
     generated_tokens: int
     steps: int
+    headroom_admissions: int = 0
 
 
 @dataclass
@@ -107,6 +114,7 @@ class _Counters:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     steps: int = 0
+    headroom_admissions: int = 0  # requests that started in a slot kept free for them
     admissions: deque[str] = field(default_factory=lambda: deque(maxlen=4096))
 
 
@@ -129,6 +137,9 @@ class LlmEngine:
         self._cond = threading.Condition()
         self._slots = [Slot(seq_id=i) for i in range(config.n_slots)]
         self._reserved = 0
+        self._headroom = max(0, min(config.headroom_slots, config.n_slots - 1))
+        self._running: Counter[str] = Counter()  # tenant -> slots it holds
+        self._seen: dict[str, float] = {}  # tenant -> when it last submitted (monotonic)
         self._stopping = False
         self._counters = _Counters()
         self._thread: threading.Thread | None = None
@@ -213,6 +224,7 @@ class LlmEngine:
                     f"Model {self.name} has {len(self._policy)} requests waiting; try again soon.",
                     headers={"Retry-After": "1"},
                 )
+            self._seen[request.tenant] = time.monotonic()
             self._policy.push(
                 Ticket(
                     item=request,
@@ -241,6 +253,7 @@ class LlmEngine:
                 prompt_tokens=self._counters.prompt_tokens,
                 generated_tokens=self._counters.generated_tokens,
                 steps=self._counters.steps,
+                headroom_admissions=self._counters.headroom_admissions,
             )
 
     def admission_order(self) -> list[str]:
@@ -270,22 +283,49 @@ class LlmEngine:
         return any(slot.request is not None for slot in self._slots)
 
     def _admit(self) -> None:
-        """Fill free slots from the policy while the next request's KV reservation fits."""
-        for slot in self._slots:
-            if slot.request is not None:
-                continue
+        """Fill free slots from the policy while the next request's KV reservation fits.
+
+        The last `headroom` free slots go only to tenants with nothing running, and only while
+        several tenants are active: a busy tenant then waits for its own requests to end rather
+        than take the slot a newcomer would otherwise wait a whole request for."""
+        free = [slot for slot in self._slots if slot.request is None]
+        contended = self._headroom > 0 and self._contended()
+        for slot in free:
             ticket = self._policy.peek()
             if ticket is None:
                 return
+            headroom = False
+            if contended and self._free_slots() <= self._headroom:
+                if self._running[ticket.tenant]:
+                    ticket = self._policy.first(lambda t: not self._running[t.tenant])
+                    if ticket is None:
+                        return  # keep the headroom for whoever comes next
+                headroom = True
             if self._reserved + ticket.item.reserved_cells > self.config.n_ctx:
                 return  # keep the policy's order: wait for cells rather than skip ahead
-            request = self._policy.pop().item
+            if ticket is self._policy.peek():
+                self._policy.pop()
+            else:
+                self._policy.remove(ticket.item)
+            request = ticket.item
             chain, request.chain = request.chain, None
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             slot.request, slot.state, slot.n_past, slot.generated = request, SlotState.PREFILL, 0, 0
             slot.text, slot.chain = TextStream(request.params.stop), chain
             self._reserved += request.reserved_cells
+            self._running[request.tenant] += 1
             self._counters.admissions.append(request.tenant)
+            self._counters.headroom_admissions += headroom
+
+    def _free_slots(self) -> int:
+        return sum(1 for slot in self._slots if slot.request is None)
+
+    def _contended(self) -> bool:
+        """Whether more than one tenant has been active lately (lock held)."""
+        horizon = time.monotonic() - self.config.tenant_window_s
+        for tenant in [t for t, at in self._seen.items() if at < horizon and not self._running[t]]:
+            del self._seen[tenant]
+        return len(self._seen) > 1
 
     def _drop_cancelled(self) -> None:
         for slot in self._slots:
@@ -407,15 +447,19 @@ class LlmEngine:
         request = slot.request
         if request is None:
             return
-        if event is not None and not request.cancelled:
-            request.sink(event)
         if slot.chain is not None:
             slot.chain.close()
         llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
         with self._cond:
             self._reserved -= request.reserved_cells
-        slot.request, slot.state, slot.chain, slot.text = None, SlotState.IDLE, None, None
-        slot.n_past = slot.generated = 0
+            self._running[request.tenant] -= 1
+            if not self._running[request.tenant]:
+                del self._running[request.tenant]
+            slot.request, slot.state, slot.chain, slot.text = None, SlotState.IDLE, None, None
+            slot.n_past = slot.generated = 0
+        # Delivered once the slot is free: a client's next request finds it so.
+        if event is not None and not request.cancelled:
+            request.sink(event)
 
     def _fail_all(self, message: str) -> None:
         running = sum(1 for slot in self._slots if slot.request is not None)
