@@ -6,7 +6,8 @@ streams the server holds a queue, and its admission order decides who waits. Sce
 server at a time:
 
 - `ours-fair`: ours with its default weighted-fair admission between organisations;
-- `ours-fifo`: ours with `AIAAS_SCHEDULING=fifo`;
+- `ours-fifo`: ours without fairness: `AIAAS_SCHEDULING=fifo` and no headroom slot
+  (`AIAAS_LLM_HEADROOM_SLOTS=0`);
 - `llama-server`: llama.cpp's server (first come, first served; the tenants are just clients).
 
 On each server the quiet tenant first runs alone (its idle TTFT), then next to the noisy one.
@@ -87,7 +88,7 @@ def make_system(scenario: str, setup: BenchSetup) -> System:
     if scenario == "ours-fair":
         return Ours(setup, env={"AIAAS_SCHEDULING": "fair"})
     if scenario == "ours-fifo":
-        return Ours(setup, env={"AIAAS_SCHEDULING": "fifo"})
+        return Ours(setup, env={"AIAAS_SCHEDULING": "fifo", "AIAAS_LLM_HEADROOM_SLOTS": "0"})
     if scenario == "llama-server":
         return LlamaServer(setup)
     raise ValueError(f"unknown scenario {scenario!r}; choose from {', '.join(SCENARIOS)}")

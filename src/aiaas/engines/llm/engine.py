@@ -95,6 +95,9 @@ class Slot:
     generated: int = 0
     text: TextStream | None = None
     chain: SamplerChain | None = None
+    # Admitted into headroom: its prompt is decoded in a step of its own, ahead of the batch,
+    # so its first token does not wait for everyone else's next token.
+    urgent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +276,11 @@ class LlmEngine:
                 self._admit()
             try:
                 self._drop_cancelled()
+                urgent = next((s for s in self._slots if s.urgent), None)
+                if urgent is not None:
+                    urgent.urgent = False
+                    if urgent.state is SlotState.PREFILL:
+                        self._step(only=urgent)
                 if self._any_busy():
                     self._step()
             except Exception:  # the thread's top level: a bug must not hang its clients
@@ -285,22 +293,22 @@ class LlmEngine:
     def _admit(self) -> None:
         """Fill free slots from the policy while the next request's KV reservation fits.
 
-        The last `headroom` free slots go only to tenants with nothing running, and only while
-        several tenants are active: a busy tenant then waits for its own requests to end rather
-        than take the slot a newcomer would otherwise wait a whole request for."""
-        free = [slot for slot in self._slots if slot.request is None]
-        contended = self._headroom > 0 and self._contended()
-        for slot in free:
+        The last `headroom` free slots are kept for tenants with nothing running, while one
+        such tenant has been active lately: a busy tenant then waits for its own requests to
+        end rather than take the slot a newcomer would otherwise wait a whole request for. When
+        every recent tenant has a request running, nobody is kept waiting and no slot is held."""
+        for slot in [slot for slot in self._slots if slot.request is None]:
             ticket = self._policy.peek()
             if ticket is None:
                 return
-            headroom = False
-            if contended and self._free_slots() <= self._headroom:
-                if self._running[ticket.tenant]:
+            headroom = self._headroom > 0 and self._free_slots() <= self._headroom
+            if headroom and self._running[ticket.tenant]:
+                if not self._idle_tenant_besides(ticket.tenant):
+                    headroom = False  # nobody to keep it for
+                else:
                     ticket = self._policy.first(lambda t: not self._running[t.tenant])
                     if ticket is None:
-                        return  # keep the headroom for whoever comes next
-                headroom = True
+                        return  # keep the headroom for the idle tenant's next request
             if self._reserved + ticket.item.reserved_cells > self.config.n_ctx:
                 return  # keep the policy's order: wait for cells rather than skip ahead
             if ticket is self._policy.peek():
@@ -314,36 +322,40 @@ class LlmEngine:
             slot.text, slot.chain = TextStream(request.params.stop), chain
             self._reserved += request.reserved_cells
             self._running[request.tenant] += 1
+            slot.urgent = headroom
             self._counters.admissions.append(request.tenant)
             self._counters.headroom_admissions += headroom
 
     def _free_slots(self) -> int:
         return sum(1 for slot in self._slots if slot.request is None)
 
-    def _contended(self) -> bool:
-        """Whether more than one tenant has been active lately (lock held)."""
+    def _idle_tenant_besides(self, tenant: str) -> bool:
+        """Whether another tenant, active in the last `tenant_window_s`, has nothing running
+        (lock held)."""
         horizon = time.monotonic() - self.config.tenant_window_s
-        for tenant in [t for t, at in self._seen.items() if at < horizon and not self._running[t]]:
-            del self._seen[tenant]
-        return len(self._seen) > 1
+        for seen in [t for t, at in self._seen.items() if at < horizon and not self._running[t]]:
+            del self._seen[seen]
+        return any(t != tenant and not self._running[t] for t in self._seen)
 
     def _drop_cancelled(self) -> None:
         for slot in self._slots:
             if slot.request is not None and slot.request.cancelled:
                 self._finish(slot, None)
 
-    def _step(self) -> None:
+    def _step(self, only: Slot | None = None) -> None:
+        """One llama_decode: every decoding slot's next token, then prompt chunks; `only`: just
+        that slot's prompt chunk."""
         batch = self._batch
         assert batch is not None and self._ctx is not None
         outputs: list[tuple[Slot, int]] = []  # (slot, batch index of its output)
         n = 0
-        for slot in self._slots:
+        for slot in self._slots if only is None else ():
             if slot.state is SlotState.DECODE:
                 self._put(batch, n, slot.last_token, slot.n_past, slot.seq_id, True)
                 outputs.append((slot, n))
                 slot.n_past += 1
                 n += 1
-        for slot in self._slots:
+        for slot in self._slots if only is None else (only,):
             if n >= self.config.n_batch:
                 break
             if slot.state is not SlotState.PREFILL:
