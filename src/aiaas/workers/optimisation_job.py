@@ -8,7 +8,6 @@ whose worker died resumes after the last variant it registered instead of regist
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 import threading
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import torch
 from aiaas import __version__
 from aiaas.data.types import Task
 from aiaas.domain import Actor, JobControl, JobStatus, ModelVersion
-from aiaas.errors import ApiError, InvalidRequest
+from aiaas.errors import InvalidRequest
 from aiaas.services.audit import AuditService
 from aiaas.services.registry import NewVersion, RegistryService
 from aiaas.settings import Settings
@@ -44,9 +43,8 @@ from aiaas.workers.training_job import (
     evaluate_outputs,
     load_frame,
     prepare_frame,
+    run_job,
 )
-
-log = logging.getLogger("aiaas.worker")
 
 CALIBRATION_ROWS = 512
 KEEP = ("preprocessing.json", "model.json")  # copied from the parent into every variant
@@ -55,41 +53,14 @@ KEEP = ("preprocessing.json", "model.json")  # copied from the parent into every
 def run_optimisation_job(
     settings: Settings, job_id: str, token: str, *, shutdown: threading.Event
 ) -> None:
-    storage = Storage.open(settings, migrate=False)
-    try:
-        with storage.db.read() as conn:
-            job = repo.get_job_any(conn, job_id=job_id)
-        if job is None or job.worker != token or job.status is not JobStatus.RUNNING:
-            return
-        torch.set_num_threads(settings.training_threads)
-        with JobLease(storage, job, token, shutdown) as lease:
-            try:
-                if job.spec.get("source") == "gguf":
-                    _run_gguf(settings, storage, lease)
-                else:
-                    _run(settings, storage, lease)
-            except ApiError as exc:
-                lease.finish(
-                    JobStatus.FAILED,
-                    f"The job failed: {exc.message}",
-                    error=json.dumps(
-                        {
-                            "code": exc.code or "invalid_request",
-                            "message": exc.message,
-                            "param": exc.param,
-                        }
-                    ),
-                )
-            except Exception:
-                log.exception("job %s failed", job_id)
-                message = "The job failed with an internal error; the operator's logs have details."
-                lease.finish(
-                    JobStatus.FAILED,
-                    message,
-                    error=json.dumps({"code": "internal_error", "message": message, "param": None}),
-                )
-    finally:
-        storage.close()
+    run_job(settings, job_id, token, _run_any, shutdown=shutdown)
+
+
+def _run_any(settings: Settings, storage: Storage, lease: JobLease) -> None:
+    if lease.job.spec.get("source") == "gguf":
+        _run_gguf(settings, storage, lease)
+    else:
+        _run(settings, storage, lease)
 
 
 class _Parent:

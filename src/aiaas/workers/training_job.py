@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,9 +219,14 @@ class _Control:
         }
 
 
-def run_training_job(
-    settings: Settings, job_id: str, token: str, *, shutdown: threading.Event
+JobBody = Callable[[Settings, Storage, JobLease], None]
+
+
+def run_job(
+    settings: Settings, job_id: str, token: str, body: JobBody, *, shutdown: threading.Event
 ) -> None:
+    """Hold the job through its lease and run `body`; any failure ends the job as failed, with
+    an API error's message as is and anything else as an internal error (logged)."""
     storage = Storage.open(settings, migrate=False)
     try:
         with storage.db.read() as conn:
@@ -230,7 +236,7 @@ def run_training_job(
         torch.set_num_threads(settings.training_threads)
         with JobLease(storage, job, token, shutdown) as lease:
             try:
-                _run(settings, storage, lease)
+                body(settings, storage, lease)
             except ApiError as exc:
                 lease.finish(
                     JobStatus.FAILED,
@@ -253,6 +259,12 @@ def run_training_job(
                 )
     finally:
         storage.close()
+
+
+def run_training_job(
+    settings: Settings, job_id: str, token: str, *, shutdown: threading.Event
+) -> None:
+    run_job(settings, job_id, token, _run, shutdown=shutdown)
 
 
 def _run(settings: Settings, storage: Storage, lease: JobLease) -> None:
