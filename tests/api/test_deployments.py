@@ -13,16 +13,13 @@ import base64
 import io
 import json
 import math
-import secrets
-import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import numpy as np
-import openai
 import pandas as pd
 import pytest
 from openai.types.fine_tuning import FineTuningJob
@@ -30,44 +27,20 @@ from PIL import Image
 
 from aiaas import __version__
 from aiaas.training.preprocess import PreprocessingSpec, transform
+from tests.api import test_fine_tuning as fine_tuning
+from tests.api.test_fine_tuning import (
+    api,
+    make_dataset,
+    registered_version,
+    tabular_frame,
+    wait_until,
+)
 from tests.conftest import Org, Server, assert_error, create_org
 
-POLL_S = 0.2
-JOB_TIMEOUT_S = 120.0
-FINISHED = {"succeeded", "failed", "cancelled"}
 CLASSES = ["no", "yes"]
 
-T = TypeVar("T")
 
-
-# -- training helpers (as in test_fine_tuning.py) ------------------------------------------------
-
-
-def api(server: Server, org: Org) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=org.api_key, max_retries=0)
-
-
-def make_dataset(
-    server: Server, org: Org, filename: str, data: bytes, **options: Any
-) -> dict[str, Any]:
-    """Upload `data` and make a dataset of it; the dataset, with its first `version`."""
-    file_id = api(server, org).files.create(file=(filename, data), purpose="dataset").id
-    body = {"name": f"{filename}-{secrets.token_hex(3)}", "file_ids": [file_id], **options}
-    with server.client(org.api_key) as http:
-        response = http.post("/v1/datasets", json=body)
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
-def wait_until(check: Callable[[], T | None], *, what: str, timeout_s: float = JOB_TIMEOUT_S) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} within {timeout_s:.0f} s")
-        time.sleep(POLL_S)
+# -- training helpers (shared with test_fine_tuning.py) ------------------------------------------
 
 
 def train(
@@ -82,57 +55,18 @@ def train(
     **extra_body: Any,
 ) -> FineTuningJob:
     """Create a job and wait for it to succeed."""
-    client = api(server, org)
-    job = client.fine_tuning.jobs.create(
-        model=model,
-        training_file=training_file,
-        hyperparameters={
-            "n_epochs": n_epochs,
-            "batch_size": 16,
-            "learning_rate_multiplier": lr_multiplier,
-        },
+    return fine_tuning.train(
+        api(server, org),
+        training_file,
+        model,
+        n_epochs=n_epochs,
+        lr_multiplier=lr_multiplier,
         seed=seed,
-        extra_body=extra_body or None,
+        **extra_body,
     )
 
-    def succeeded() -> FineTuningJob | None:
-        found = client.fine_tuning.jobs.retrieve(job.id)
-        assert found.status not in FINISHED - {"succeeded"}, f"job {found.status}: {found.error}"
-        return found if found.status == "succeeded" else None
 
-    return wait_until(succeeded, what=f"job {job.id} succeeded")
-
-
-def registered_version(server: Server, org: Org, job: FineTuningJob) -> dict[str, Any]:
-    assert job.fine_tuned_model is not None and job.model_extra is not None
-    with server.client(org.api_key) as http:
-        response = http.get(f"/v1/models/{job.fine_tuned_model}/versions")
-    assert response.status_code == 200, response.text
-    [version] = [
-        v for v in response.json()["data"] if v["id"] == job.model_extra["model_version_id"]
-    ]
-    return version
-
-
-# -- synthetic data (as in test_fine_tuning.py) --------------------------------------------------
-
-
-def tabular_frame(rows: int, seed: int) -> pd.DataFrame:
-    """Two classes split by a + b = 0 with a margin; `noise` and `color` carry no signal."""
-    rng = np.random.default_rng(seed)
-    a, b, noise = rng.normal(size=(3, rows))
-    side = np.sign(a + b)
-    a, b = a + 0.5 * side, b + 0.5 * side
-    return pd.DataFrame(
-        {
-            "a": a.round(4),
-            "b": b.round(4),
-            "noise": noise.round(4),
-            "color": rng.choice(["red", "green", "blue"], rows),
-            "y": (3 * a - 2 * b + rng.normal(0, 0.1, rows)).round(4),
-            "label": np.where(side > 0, "yes", "no"),
-        }
-    )
+# -- synthetic data --------------------------------------------------------------------------------
 
 
 def tabular_csv(rows: int = 300, seed: int = 0, flip: float = 0.0) -> bytes:
