@@ -12,7 +12,7 @@ import pytest
 from aiaas.engines.llm.bundled import smollm2_path
 from aiaas.engines.llm.engine import EngineConfig, LlmEngine
 from aiaas.engines.llm.model import LlamaModel
-from aiaas.engines.llm.params import Event, Final, SamplingParams
+from aiaas.engines.llm.params import Event, Failed, Final, SamplingParams
 from aiaas.scheduling.fair import make_policy
 
 SLOTS = 4
@@ -144,3 +144,51 @@ def test_headroom_lets_a_quiet_tenant_start_at_once(model: LlamaModel) -> None:
             assert finished["noisy"].acquire(timeout=300)
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+def test_a_step_cut_short_for_a_quiet_tenant_is_sent_again(model: LlamaModel) -> None:
+    """A request taking the headroom cuts the running step short; llama.cpp drops that step's
+    KV positions and the engine sends it again, so every request ends normally with all its
+    tokens. A lost or doubled position would make the next llama_decode fail (llama.cpp
+    requires consecutive positions per sequence), failing the requests."""
+    engine = _engine(model, "fair", headroom=1)
+    engine.start()
+    # Long prompts make most of the engine's time prefill steps of n_batch tokens.
+    story = "The old lighthouse keeper climbed the stairs again and counted every step. " * 30
+    long_prompt = model.tokenize(story, add_special=True)
+    short_prompt = model.tokenize("Once upon a time,", add_special=True)
+    events: dict[str, list[Event]] = {"noisy": [], "quiet": []}
+    done: dict[str, threading.Semaphore] = {t: threading.Semaphore(0) for t in events}
+
+    def submit(tenant: str, prompt: list[int], new_tokens: int) -> None:
+        def sink(event: Event) -> None:
+            if isinstance(event, Final | Failed):
+                events[tenant].append(event)
+                done[tenant].release()
+
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
+        engine.submit(
+            engine.request(prompt, params, max_new_tokens=new_tokens, sink=sink, tenant=tenant)
+        )
+
+    try:
+        flood, quiet = 12, 0
+        for _ in range(flood):
+            submit("noisy", long_prompt, 24)
+        # The quiet tenant asks again as soon as it has its answer, while the flood runs.
+        while engine.stats().preemptions < 2 and quiet < 40:
+            submit("quiet", short_prompt, 2)
+            quiet += 1
+            assert done["quiet"].acquire(timeout=120)
+        for _ in range(flood):
+            assert done["noisy"].acquire(timeout=300)
+        stats = engine.stats()
+    finally:
+        engine.close()
+    assert stats.preemptions >= 1, "no step was ever cut short"
+    assert stats.reserved_cells == 0 and stats.busy_slots == 0
+    for tenant, new_tokens in (("noisy", 24), ("quiet", 2)):
+        for event in events[tenant]:
+            assert isinstance(event, Final), event
+            assert event.completion_tokens == new_tokens or event.finish_reason == "stop"

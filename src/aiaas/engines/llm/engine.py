@@ -24,6 +24,7 @@ import llama_cpp
 import numpy as np
 
 from aiaas.engines.llm.detokenize import TextStream
+from aiaas.engines.llm.interrupt import ABORTED, StepInterrupt
 from aiaas.engines.llm.model import LlamaModel
 from aiaas.engines.llm.params import (
     Delta,
@@ -54,6 +55,10 @@ class EngineConfig:
     # tenant's request to end. One tenant alone uses every slot.
     headroom_slots: int = 1
     tenant_window_s: float = 30.0
+    # A request that takes the headroom may cut the running step short (it is sent again after
+    # the newcomer's prompt), so its first token does not wait for a step of the others. At
+    # most this share of the engine's time goes to steps cut short; 0 never cuts.
+    preempt_budget: float = 0.05
 
 
 @dataclass(eq=False)
@@ -110,6 +115,7 @@ class EngineStats:
     generated_tokens: int
     steps: int
     headroom_admissions: int = 0
+    preemptions: int = 0
 
 
 @dataclass
@@ -118,6 +124,7 @@ class _Counters:
     generated_tokens: int = 0
     steps: int = 0
     headroom_admissions: int = 0  # requests that started in a slot kept free for them
+    preemptions: int = 0  # steps cut short for a request taking the headroom
     admissions: deque[str] = field(default_factory=lambda: deque(maxlen=4096))
 
 
@@ -141,6 +148,7 @@ class LlmEngine:
         self._slots = [Slot(seq_id=i) for i in range(config.n_slots)]
         self._reserved = 0
         self._headroom = max(0, min(config.headroom_slots, config.n_slots - 1))
+        self._interrupt = StepInterrupt(budget=config.preempt_budget if self._headroom else 0.0)
         self._running: Counter[str] = Counter()  # tenant -> slots it holds
         self._seen: dict[str, float] = {}  # tenant -> when it last submitted (monotonic)
         self._stopping = False
@@ -165,6 +173,7 @@ class LlmEngine:
         if not self._ctx:
             raise ConfigurationError(f"llama.cpp could not create a context for {self.name}")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._interrupt.install(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.config.n_batch, 0, 1)
         self._thread = threading.Thread(target=self._run, name=f"llm-{self.name}", daemon=True)
         self._thread.start()
@@ -236,6 +245,14 @@ class LlmEngine:
                     cost=float(request.reserved_cells),
                 )
             )
+            # A tenant with nothing running, with the headroom free for it: its request need
+            # not wait for the step now running to end.
+            if (
+                self._headroom
+                and not self._running[request.tenant]
+                and 0 < self._free_slots() <= self._headroom
+            ):
+                self._interrupt.request()
             self._cond.notify()
 
     def cancel(self, request: GenerationRequest) -> None:
@@ -257,6 +274,7 @@ class LlmEngine:
                 generated_tokens=self._counters.generated_tokens,
                 steps=self._counters.steps,
                 headroom_admissions=self._counters.headroom_admissions,
+                preemptions=self._counters.preemptions,
             )
 
     def admission_order(self) -> list[str]:
@@ -282,7 +300,13 @@ class LlmEngine:
                     if urgent.state is SlotState.PREFILL:
                         self._step(only=urgent)
                 if self._any_busy():
-                    self._step()
+                    self._interrupt.arm()
+                    cut = False
+                    try:
+                        cut = self._step()
+                    finally:
+                        self._interrupt.disarm(cut=cut)
+                    self._counters.preemptions += cut
             except Exception:  # the thread's top level: a bug must not hang its clients
                 log.exception("engine %s: step failed", self.name)
                 self._fail_all("internal engine error")
@@ -342,11 +366,13 @@ class LlmEngine:
             if slot.request is not None and slot.request.cancelled:
                 self._finish(slot, None)
 
-    def _step(self, only: Slot | None = None) -> None:
+    def _step(self, only: Slot | None = None) -> bool:
         """One llama_decode: every decoding slot's next token, then prompt chunks; `only`: just
-        that slot's prompt chunk."""
+        that slot's prompt chunk. True when the step was cut short: llama.cpp dropped its
+        positions from the KV cache and the slots are as they were, to be sent again."""
         batch = self._batch
         assert batch is not None and self._ctx is not None
+        before = [(slot, slot.n_past) for slot in self._slots]
         outputs: list[tuple[Slot, int]] = []  # (slot, batch index of its output)
         n = 0
         for slot in self._slots if only is None else ():
@@ -372,11 +398,16 @@ class LlmEngine:
                 n += 1
         batch.n_tokens = n
         status = llama_cpp.llama_decode(self._ctx, batch)
+        if status == ABORTED:
+            for slot, n_past in before:
+                slot.n_past = n_past
+            return True
         self._counters.steps += 1
         if status != 0:
             self._fail_all(f"llama_decode failed with status {status}")
-            return
+            return False
         self._sample(outputs)
+        return False
 
     @staticmethod
     def _put(

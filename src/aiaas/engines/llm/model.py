@@ -19,6 +19,9 @@ from aiaas.errors import ConfigurationError, InvalidRequest
 _llama_log = logging.getLogger("aiaas.llama_cpp")
 # ggml.h: GGML_LOG_LEVEL_DEBUG 1, INFO 2, WARN 3, ERROR 4 (CONT 5 continues a line).
 _LLAMA_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+# Warnings that our own use causes on purpose: a step cut short (engine.interrupt) has llama.cpp
+# drop that step's KV positions.
+_EXPECTED_WARNINGS = ("decode: removing memory module entries",)
 
 
 @llama_cpp.llama_log_callback
@@ -27,6 +30,8 @@ def _route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> No
     message = text.decode("utf-8", errors="replace").rstrip()
     if message:
         severity = _LLAMA_LEVELS.get(level, logging.DEBUG)
+        if message.startswith(_EXPECTED_WARNINGS):
+            severity = logging.DEBUG
         _llama_log.log(logging.DEBUG if severity == logging.INFO else severity, "%s", message)
 
 
