@@ -139,6 +139,7 @@ class Platform:
                 n_threads=settings.llm_threads,
                 max_waiting=settings.llm_max_waiting,
                 headroom_slots=settings.llm_headroom_slots,
+                preempt_budget=settings.llm_preempt_budget,
             ),
             scheduling=settings.scheduling,
         )

@@ -77,6 +77,13 @@ class Settings(BaseSettings):
         description="Slots each LLM keeps free for an organisation with nothing running while "
         "several are active (0: none).",
     )
+    llm_preempt_budget: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=0.5,
+        description="Share of an LLM engine's time that decode steps cut short for a request "
+        "taking the headroom may cost (0: never cut a step).",
+    )
     llm_max_waiting: int = Field(
         default=256, ge=1, description="Queued requests per model before 429."
     )

@@ -136,6 +136,11 @@ class _EngineCollector(Collector):
             "Requests started in a slot kept free for an organisation with nothing running.",
             labels=["model"],
         )
+        preempted = CounterMetricFamily(
+            "aiaas_llm_preempted_steps",
+            "Decode steps cut short so that a request taking the headroom starts at once.",
+            labels=["model"],
+        )
         for model, stats in self._source():
             slots.add_metric([model], stats.slots)
             busy.add_metric([model], stats.busy_slots)
@@ -144,7 +149,8 @@ class _EngineCollector(Collector):
             steps.add_metric([model], stats.steps)
             generated.add_metric([model], stats.generated_tokens)
             headroom.add_metric([model], stats.headroom_admissions)
-        yield from (slots, busy, waiting, cells, steps, generated, headroom)
+            preempted.add_metric([model], stats.preemptions)
+        yield from (slots, busy, waiting, cells, steps, generated, headroom, preempted)
 
 
 class _PoolCollector(Collector):
