@@ -333,6 +333,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--infinity-onnx", choices=("int8", "fp32"), help="its ONNX file (default: --variant's)")
     add("--threads", type=int, default=2, help="inference threads, every system (default 2)")
     add("--max-batch", type=int, default=32, help="largest batch, ours and infinity (32)")
+    add("--workers", type=int, help="ours: AIAAS_EMBEDDINGS_WORKERS (default: the server's)")
+    add("--max-wait-ms", type=float, help="ours: AIAAS_EMBEDDINGS_MAX_WAIT_MS (the server's)")
     add("--seed", type=int, default=0, help="sentence generator seed (default 0)")
     add("--json", type=Path, help="also write every level, down to each latency, here")
     add("--startup-timeout", type=float, default=300.0, help="seconds to turn healthy (300)")

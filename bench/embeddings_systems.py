@@ -115,6 +115,10 @@ def _ours(args: argparse.Namespace, tmp: Path) -> Iterator[Target]:
         "AIAAS_EMBEDDINGS_VARIANT": args.variant,
         "AIAAS_EMBEDDINGS_MAX_BATCH": str(args.max_batch),
     }
+    if args.workers is not None:
+        env["AIAAS_EMBEDDINGS_WORKERS"] = str(args.workers)
+    if args.max_wait_ms is not None:
+        env["AIAAS_EMBEDDINGS_MAX_WAIT_MS"] = str(args.max_wait_ms)
     argv = [sys.executable, "-m", "aiaas", "serve", "--host", "127.0.0.1", "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
     with _started("ours", argv, env, f"{base}/health", args.startup_timeout) as server:

@@ -175,6 +175,7 @@ class Platform:
                     batch=BatcherConfig(
                         max_batch_items=settings.embeddings_max_batch,
                         max_wait_ms=settings.embeddings_max_wait_ms,
+                        workers=settings.embeddings_workers,
                     ),
                     scheduling=settings.scheduling,
                 ),
@@ -267,6 +268,7 @@ def model_specs(settings: Settings) -> list[LlmSpec | EmbedderSpec]:
                     batch=BatcherConfig(
                         max_batch_items=settings.embeddings_max_batch,
                         max_wait_ms=settings.embeddings_max_wait_ms,
+                        workers=settings.embeddings_workers,
                     ),
                 )
             )

@@ -94,7 +94,18 @@ class Settings(BaseSettings):
     )
     embeddings_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     embeddings_max_batch: int = Field(default=32, ge=1, le=1024)
-    embeddings_max_wait_ms: float = Field(default=5.0, ge=0, le=1000)
+    # 0: a batch goes as soon as a worker is free; inputs that arrive while every worker is busy
+    # form the next one. Waiting for company only adds latency when a worker sits idle.
+    embeddings_max_wait_ms: float = Field(default=0.0, ge=0, le=1000)
+    # Two forward passes at once, each on half the threads: one batch's padding, pooling and
+    # replies overlap the other's matrix work, and a lone request never waits for a batch.
+    embeddings_workers: int = Field(
+        default_factory=lambda: min(2, os.cpu_count() or 1),
+        ge=1,
+        le=64,
+        description="Forward passes run at once; each takes embeddings_threads / workers "
+        "ONNX Runtime threads.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_key_lifetime_days: int = Field(default=3650, ge=1)

@@ -139,7 +139,11 @@ class ModelPool:
     def load_embedder(self, spec: EmbedderSpec) -> LoadedEmbedder:
         started = time.perf_counter()
         exported = export_sentence_encoder(spec.locate(), spec.cache_dir, name=spec.id)
-        encoder = SentenceEncoder(exported, variant=spec.variant, intra_op_threads=spec.threads)
+        encoder = SentenceEncoder(
+            exported,
+            variant=spec.variant,
+            intra_op_threads=max(1, spec.threads // spec.batch.workers),
+        )
         batcher: DynamicBatcher[list[int], np.ndarray] = DynamicBatcher(
             encoder.encode_ids,
             size=len,
