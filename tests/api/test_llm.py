@@ -283,6 +283,8 @@ def test_cancelled_stream_frees_its_slot(llm_server: Server, llm_org: Org) -> No
 def test_metrics_show_engine_state(llm_server: Server) -> None:
     assert _metric(llm_server, "aiaas_llm_slots", BASE_MODEL) == 8
     assert _metric(llm_server, "aiaas_llm_queue_depth", BASE_MODEL) >= 0
+    # Exposed (`_metric` fails when absent); how many depends on which tenants shared the model.
+    assert _metric(llm_server, "aiaas_llm_preempted_steps_total", BASE_MODEL) >= 0
     with llm_server.client(llm_server.admin_key) as admin:
         text = admin.get("/metrics").text
     assert re.search(
