@@ -133,7 +133,7 @@ class EmbeddingService:
             )
         items = request.items()
         if _small(items):  # a few short texts tokenise faster than a hop to a thread
-            ids = _token_ids(loaded, items, parallel=False)
+            ids = _token_ids(loaded, items)
         else:
             ids = await run_in_threadpool(_token_ids, loaded, items)
         org = principal.org_id or "platform"
@@ -166,14 +166,12 @@ def _small(items: list[str] | list[list[int]]) -> bool:
     return True
 
 
-def _token_ids(
-    loaded: LoadedEmbedder, items: list[str] | list[list[int]], *, parallel: bool = True
-) -> list[list[int]]:
+def _token_ids(loaded: LoadedEmbedder, items: list[str] | list[list[int]]) -> list[list[int]]:
     """Texts are tokenised (truncated at the model's length, as sentence-transformers does);
     token-id inputs are checked, since nothing truncates them silently."""
     encoder = loaded.encoder
     if all(isinstance(item, str) for item in items):
-        return encoder.tokenize([str(item) for item in items], parallel=parallel)
+        return encoder.tokenize([str(item) for item in items])
     limit, vocab = encoder.max_seq_length, encoder.vocab_size
     for index, item in enumerate(items):
         assert isinstance(item, list)

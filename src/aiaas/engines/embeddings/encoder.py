@@ -88,18 +88,12 @@ class SentenceEncoder:
     def max_seq_length(self) -> int:
         return self.pooling.max_seq_length
 
-    def tokenize(self, texts: Sequence[str], *, parallel: bool = True) -> list[list[int]]:
-        """Model-ready token ids (special tokens added, truncated to max_seq_length).
-
-        `parallel=False` tokenises in the calling thread: for a few short texts, handing them to
-        the tokenizer's thread pool and waiting for it costs more than the work, and on a busy
-        machine the wait is for a pool thread to be scheduled at all."""
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Model-ready token ids (special tokens added, truncated to max_seq_length)."""
         if not texts:
             return []
         if self.pooling.lowercase:
             texts = [text.lower() for text in texts]
-        if not parallel:
-            return [self._tokenizer.encode(text).ids for text in texts]
         return [encoding.ids for encoding in self._tokenizer.encode_batch(list(texts))]
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
