@@ -194,6 +194,8 @@ def _ours(
         "AIAAS_CLASSIC_THREADS": str(args.threads),
         "AIAAS_CLASSIC_MAX_BATCH": str(args.max_batch),
     }
+    if args.max_wait_ms is not None:
+        env["AIAAS_CLASSIC_MAX_WAIT_MS"] = str(args.max_wait_ms)
     return f"http://127.0.0.1:{port}", argv, env
 
 
@@ -673,6 +675,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--rows-per-request", type=int, default=1, help="rows in each request (default 1)")
     add("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     add("--max-batch", type=int, default=64, help="largest batch, both sides (default 64)")
+    add("--max-wait-ms", type=float, help="ours: AIAAS_CLASSIC_MAX_WAIT_MS (the server's)")
     add("--bentoml-max-latency-ms", type=int, default=1000, help="BentoML's deadline (1000)")
     add("--samples", type=int, default=2000, help="training rows (default 2000)")
     add("--features", type=int, default=32, help="default 32")

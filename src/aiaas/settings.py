@@ -138,8 +138,12 @@ class Settings(BaseSettings):
         default_factory=lambda: os.cpu_count() or 1, ge=1, description="ORT threads per model."
     )
     classic_max_batch: int = Field(default=64, ge=1, le=4096, description="Rows per forward pass.")
+    # 0, as for embeddings: rows that arrive while the forward pass runs form the next batch.
     classic_max_wait_ms: float = Field(
-        default=2.0, ge=0, le=1000, description="Longest a row waits for others to fill a batch."
+        default=0.0,
+        ge=0,
+        le=1000,
+        description="Longest a row waits for others to fill a batch while the model is idle.",
     )
     training_workers: int = Field(
         default=1, ge=0, le=64, description="Training jobs run at once (0: this replica runs none)."
