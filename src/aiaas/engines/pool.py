@@ -16,8 +16,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from aiaas.engines.embeddings.encoder import SentenceEncoder
-from aiaas.engines.embeddings.export import Variant, export_sentence_encoder
+from aiaas.engines.embeddings.encoder import InMemoryEncoder, SentenceEncoder
+from aiaas.engines.embeddings.export import ExportedModel, Variant, export_sentence_encoder
 from aiaas.engines.llm.chat_template import ChatTemplate
 from aiaas.engines.llm.engine import EngineConfig, LlmEngine
 from aiaas.engines.llm.model import LlamaModel
@@ -71,6 +71,33 @@ class EmbedderSpec:
     variant: Variant
     threads: int
     batch: BatcherConfig
+
+
+def serve_encoder(
+    model: ExportedModel | InMemoryEncoder,
+    *,
+    id: str,
+    threads: int,
+    batch: BatcherConfig,
+    scheduling: SchedulingMode,
+    batcher_name: str,
+    created: int,
+    variant: Variant = "fp32",
+) -> LoadedEmbedder:
+    """A sentence encoder behind its own started batcher: `batch.workers` forward passes at
+    once, each on `threads / workers` ONNX Runtime threads."""
+    encoder = SentenceEncoder(
+        model, variant=variant, intra_op_threads=max(1, threads // batch.workers)
+    )
+    batcher: DynamicBatcher[list[int], np.ndarray] = DynamicBatcher(
+        encoder.encode_ids,
+        size=len,
+        config=batch,
+        name=batcher_name,
+        policy=make_policy(scheduling),
+    )
+    batcher.start()
+    return LoadedEmbedder(id=id, encoder=encoder, batcher=batcher, created=created)
 
 
 @dataclass
@@ -139,21 +166,15 @@ class ModelPool:
     def load_embedder(self, spec: EmbedderSpec) -> LoadedEmbedder:
         started = time.perf_counter()
         exported = export_sentence_encoder(spec.locate(), spec.cache_dir, name=spec.id)
-        encoder = SentenceEncoder(
+        loaded = serve_encoder(
             exported,
+            id=spec.id,
             variant=spec.variant,
-            intra_op_threads=max(1, spec.threads // spec.batch.workers),
-        )
-        batcher: DynamicBatcher[list[int], np.ndarray] = DynamicBatcher(
-            encoder.encode_ids,
-            size=len,
-            config=spec.batch,
-            name=spec.id,
-            policy=make_policy(self.scheduling),
-        )
-        batcher.start()
-        loaded = LoadedEmbedder(
-            id=spec.id, encoder=encoder, batcher=batcher, created=int(time.time())
+            threads=spec.threads,
+            batch=spec.batch,
+            scheduling=self.scheduling,
+            batcher_name=spec.id,
+            created=int(time.time()),
         )
         with self._lock:
             self._embedders[spec.id] = loaded

@@ -11,14 +11,14 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from aiaas.domain import ModelVersion, Principal
-from aiaas.engines.embeddings.encoder import InMemoryEncoder, SentenceEncoder
+from aiaas.engines.embeddings.encoder import InMemoryEncoder
 from aiaas.engines.embeddings.export import PoolingConfig, minilm_l6_v2_dir
-from aiaas.engines.pool import LoadedEmbedder, ModelPool
+from aiaas.engines.pool import LoadedEmbedder, ModelPool, serve_encoder
 from aiaas.errors import InvalidRequest, ModelNotFound
 from aiaas.observability.metrics import Metrics
 from aiaas.protocol.openai import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
-from aiaas.scheduling.batcher import BatcherConfig, DynamicBatcher
-from aiaas.scheduling.fair import SchedulingMode, make_policy
+from aiaas.scheduling.batcher import BatcherConfig
+from aiaas.scheduling.fair import SchedulingMode
 from aiaas.services.deployments import DeploymentService
 from aiaas.services.registry import RegistryService
 
@@ -77,24 +77,18 @@ class DeployedEncoders:
 
     def _load(self, version: ModelVersion, name: str) -> LoadedEmbedder:
         about = json.loads(self._registry.read_artifact(version, "encoder.json"))
-        encoder = SentenceEncoder(
+        return serve_encoder(
             InMemoryEncoder(
                 graph=self._registry.read_artifact(version, ENCODER),
                 tokenizer=minilm_l6_v2_dir() / "tokenizer.json",
                 pooling=PoolingConfig(**about["pooling"]),
             ),
-            intra_op_threads=max(1, self._threads // self._batch.workers),
-        )
-        batcher: DynamicBatcher[list[int], np.ndarray] = DynamicBatcher(
-            encoder.encode_ids,
-            size=len,
-            config=self._batch,
-            name=f"embeddings-{version.id}",
-            policy=make_policy(self._scheduling),
-        )
-        batcher.start()
-        return LoadedEmbedder(
-            id=name, encoder=encoder, batcher=batcher, created=int(version.created_at)
+            id=name,
+            threads=self._threads,
+            batch=self._batch,
+            scheduling=self._scheduling,
+            batcher_name=f"embeddings-{version.id}",
+            created=int(version.created_at),
         )
 
     def close(self) -> None:

@@ -56,10 +56,6 @@ class StepInterrupt:
         self._refilled = time.monotonic()
         self._started = 0.0
 
-    @property
-    def available(self) -> bool:
-        return self._callback is not None
-
     def install(self, ctx: llama_cpp.llama_context_p) -> None:
         if self._callback is not None:
             data = ctypes.cast(self._flag, ctypes.c_void_p)
