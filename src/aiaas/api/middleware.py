@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 import time
-import uuid
 from collections.abc import Mapping
 
 from starlette.datastructures import MutableHeaders
@@ -28,6 +28,12 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def _new_request_id() -> str:
+    """32 hex digits, unique rather than secret. uuid4 reads os.urandom, which releases the GIL:
+    on a busy event loop, getting it back can wait for a work thread's switch interval."""
+    return f"{random.getrandbits(128):032x}"
+
+
 class RequestContextMiddleware:
     """Give every request an id (echoed as `x-request-id`), log it once, and count it.
 
@@ -42,8 +48,8 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = _header(scope, b"x-request-id")
-        request_id = incoming if incoming and _SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        incoming = _header(scope, b"x-request-id") or ""
+        request_id = incoming if _SAFE_REQUEST_ID.match(incoming) else _new_request_id()
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status = 500
