@@ -140,6 +140,7 @@ class Platform:
                 max_waiting=settings.llm_max_waiting,
                 headroom_slots=settings.llm_headroom_slots,
                 preempt_budget=settings.llm_preempt_budget,
+                prefix_cache_entries=settings.llm_prefix_cache_entries,
             ),
             scheduling=settings.scheduling,
         )

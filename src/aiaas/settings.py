@@ -84,6 +84,13 @@ class Settings(BaseSettings):
         description="Share of an LLM engine's time that decode steps cut short for a request "
         "taking the headroom may cost (0: never cut a step).",
     )
+    llm_prefix_cache_entries: int = Field(
+        default=32,
+        ge=0,
+        le=255,
+        description="Finished sequences each LLM keeps in its KV cache so that later prompts "
+        "starting the same way skip their prefill (0: no prefix cache).",
+    )
     llm_max_waiting: int = Field(
         default=256, ge=1, description="Queued requests per model before 429."
     )

@@ -106,6 +106,21 @@ def test_streamed_completion_matches_the_full_one(client: openai.OpenAI) -> None
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens == 20
 
 
+def test_a_repeated_prompt_is_served_from_the_prefix_cache(
+    client: openai.OpenAI, llm_server: Server
+) -> None:
+    prompt = "A prefix cache keeps the KV cells of prompts it has seen. " * 3 + "In short,"
+    args = {"model": BASE_MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0}
+    first = client.completions.create(**args)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    second = client.completions.create(**args)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached == second.usage.prompt_tokens - 1  # all but the token that gives the logits
+    assert second.choices[0].text == first.choices[0].text
+    assert _metric(llm_server, "aiaas_llm_cached_prompt_tokens_total", BASE_MODEL) >= cached
+    assert _metric(llm_server, "aiaas_llm_prefix_cache_entries", BASE_MODEL) >= 1
+
+
 def test_token_array_prompt(client: openai.OpenAI) -> None:
     reply = client.completions.create(model=BASE_MODEL, prompt=[2, 818, 5279], max_tokens=4)
     assert reply.usage.prompt_tokens == 3

@@ -31,6 +31,7 @@ from aiaas.protocol.openai import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    PromptTokensDetails,
     TopLogprob,
     Usage,
     new_completion_id,
@@ -65,6 +66,7 @@ def _usage(gens: Generations, completion_tokens: int, call: MeteredCall) -> Usag
         prompt_tokens=gens.prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=gens.prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=gens.cached_tokens),
     )
 
 

@@ -141,6 +141,19 @@ class _EngineCollector(Collector):
             "Decode steps cut short so that a request taking the headroom starts at once.",
             labels=["model"],
         )
+        cached = CounterMetricFamily(
+            "aiaas_llm_cached_prompt_tokens",
+            "Prompt tokens read from the prefix cache instead of decoded.",
+            labels=["model"],
+        )
+        entries = GaugeMetricFamily(
+            "aiaas_llm_prefix_cache_entries",
+            "Finished sequences kept in the KV cache for prompts that start the same way.",
+            labels=["model"],
+        )
+        entry_cells = GaugeMetricFamily(
+            "aiaas_llm_prefix_cache_cells", "KV cells the prefix cache holds.", labels=["model"]
+        )
         for model, stats in self._source():
             slots.add_metric([model], stats.slots)
             busy.add_metric([model], stats.busy_slots)
@@ -150,7 +163,11 @@ class _EngineCollector(Collector):
             generated.add_metric([model], stats.generated_tokens)
             headroom.add_metric([model], stats.headroom_admissions)
             preempted.add_metric([model], stats.preemptions)
+            cached.add_metric([model], stats.cached_prompt_tokens)
+            entries.add_metric([model], stats.prefix_cache_entries)
+            entry_cells.add_metric([model], stats.prefix_cache_cells)
         yield from (slots, busy, waiting, cells, steps, generated, headroom, preempted)
+        yield from (cached, entries, entry_cells)
 
 
 class _PoolCollector(Collector):

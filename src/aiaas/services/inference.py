@@ -43,6 +43,7 @@ class Generations:
     requests: list[GenerationRequest] = field(default_factory=list)
     queue: asyncio.Queue[tuple[int, Event]] = field(default_factory=asyncio.Queue)
     started: float = field(default_factory=time.perf_counter)
+    cached_tokens: int = 0  # prompt tokens the prefix cache supplied, over every choice
     _first_token_seen: bool = False
     _open: int = 0
 
@@ -65,6 +66,7 @@ class Generations:
                     )
                 if isinstance(event, Final):
                     self._open -= 1
+                    self.cached_tokens += event.cached_tokens
                     self._record(event)
                 yield index, event
         finally:

@@ -6,8 +6,15 @@ samples, detokenises and hands its events to the request's sink. A finished, can
 failed request frees its slot and its KV cells before the next step, and waiting requests are
 admitted, in the admission policy's order, as soon as a slot and enough KV cells are free.
 
-Only the engine thread touches the context, the batch, the slots and the samplers. Other threads
-talk to it through `submit` and `cancel`, which take the lock and wake it.
+Prefix cache: when a request ends, the tokens in its KV cells (prompt and decoded completion)
+stay there under a sequence id of the cache's own, sharing the cells (the cache is unified, so
+`llama_memory_seq_cp` only marks them). A new request whose prompt starts with cached tokens
+copies that prefix the same way and decodes only the rest: a repeated system prompt, few-shot
+preamble or earlier chat turn costs no prefill. Entries go least recently used first, whenever
+running requests need their cells.
+
+Only the engine thread touches the context, the batch, the slots, the samplers and the prefix
+cache. Other threads talk to it through `submit` and `cancel`, which take the lock and wake it.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ from aiaas.scheduling.fair import AdmissionPolicy, FifoPolicy, Ticket
 
 log = logging.getLogger("aiaas.engines.llm")
 
+LLAMA_MAX_SEQ = 256  # sequence ids one llama.cpp context accepts (slots and cache entries)
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -59,6 +68,11 @@ class EngineConfig:
     # the newcomer's prompt), so its first token does not wait for a step of the others. At
     # most this share of the engine's time goes to steps cut short; 0 never cuts.
     preempt_budget: float = 0.05
+    # Finished sequences kept in the KV cache for later prompts that start the same way (each
+    # takes a sequence id; llama.cpp has 256 with the slots'); 0 keeps none. Prefixes shorter
+    # than `prefix_cache_min_tokens` are not worth an entry.
+    prefix_cache_entries: int = 32
+    prefix_cache_min_tokens: int = 16
 
 
 @dataclass(eq=False)
@@ -98,6 +112,8 @@ class Slot:
     n_past: int = 0  # tokens of this sequence in the KV cache
     last_token: int = -1  # sampled, not yet decoded
     generated: int = 0
+    tokens: list[int] = field(default_factory=list)  # sampled so far, in order
+    cached: int = 0  # prompt tokens taken from the prefix cache
     text: TextStream | None = None
     chain: SamplerChain | None = None
     # Admitted into headroom: its prompt is decoded in a step of its own, ahead of the batch,
@@ -116,6 +132,18 @@ class EngineStats:
     steps: int
     headroom_admissions: int = 0
     preemptions: int = 0
+    cached_prompt_tokens: int = 0
+    prefix_cache_entries: int = 0
+    prefix_cache_cells: int = 0
+
+
+@dataclass(eq=False)
+class _Cached:
+    """A finished sequence's tokens, still in the KV cache under `seq_id`."""
+
+    seq_id: int
+    tokens: np.ndarray  # int32
+    used: int  # when last used or stored (a tick)
 
 
 @dataclass
@@ -125,6 +153,7 @@ class _Counters:
     steps: int = 0
     headroom_admissions: int = 0  # requests that started in a slot kept free for them
     preemptions: int = 0  # steps cut short for a request taking the headroom
+    cached_prompt_tokens: int = 0  # prompt tokens not decoded thanks to the prefix cache
     admissions: deque[str] = field(default_factory=lambda: deque(maxlen=4096))
 
 
@@ -156,6 +185,16 @@ class LlmEngine:
         self._thread: threading.Thread | None = None
         self._ctx: llama_cpp.llama_context_p | None = None
         self._batch: llama_cpp.llama_batch | None = None
+        first = config.n_slots
+        entries = max(0, min(config.prefix_cache_entries, LLAMA_MAX_SEQ - first))
+        self._cache_free = list(range(first + entries - 1, first - 1, -1))  # seq ids, a stack
+        self._cache: list[_Cached] = []
+        self._cache_cells = 0
+        self._tick = 0
+        # Sliding-window layers may overwrite a cell once its sequence is a window past it, so
+        # an entry holds less than a window; models without such layers keep whole sequences.
+        n_swa = llama_cpp.llama_model_n_swa(model.handle)
+        self._cache_tokens = n_swa - 1 if n_swa > 0 else self.context_length
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -164,7 +203,7 @@ class LlmEngine:
         params.n_ctx = self.config.n_ctx
         params.n_batch = self.config.n_batch
         params.n_ubatch = self.config.n_batch
-        params.n_seq_max = self.config.n_slots
+        params.n_seq_max = self.config.n_slots + len(self._cache_free)
         params.n_threads = self.config.n_threads
         params.n_threads_batch = self.config.n_threads
         params.kv_unified = True
@@ -275,6 +314,9 @@ class LlmEngine:
                 steps=self._counters.steps,
                 headroom_admissions=self._counters.headroom_admissions,
                 preemptions=self._counters.preemptions,
+                cached_prompt_tokens=self._counters.cached_prompt_tokens,
+                prefix_cache_entries=len(self._cache),
+                prefix_cache_cells=self._cache_cells,
             )
 
     def admission_order(self) -> list[str]:
@@ -335,6 +377,7 @@ class LlmEngine:
                         return  # keep the headroom for the idle tenant's next request
             if self._reserved + ticket.item.reserved_cells > self.config.n_ctx:
                 return  # keep the policy's order: wait for cells rather than skip ahead
+            # (cached prefixes never make a request wait: they give way below)
             if ticket is self._policy.peek():
                 self._policy.pop()
             else:
@@ -343,8 +386,10 @@ class LlmEngine:
             chain, request.chain = request.chain, None
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             slot.request, slot.state, slot.n_past, slot.generated = request, SlotState.PREFILL, 0, 0
-            slot.text, slot.chain = TextStream(request.params.stop), chain
+            slot.text, slot.chain, slot.tokens = TextStream(request.params.stop), chain, []
+            slot.cached = slot.n_past = self._reuse(slot.seq_id, request.prompt)
             self._reserved += request.reserved_cells
+            self._evict_until(self.config.n_ctx - self._reserved)
             self._running[request.tenant] += 1
             slot.urgent = headroom
             self._counters.admissions.append(request.tenant)
@@ -431,6 +476,7 @@ class LlmEngine:
         for row, (slot, batch_index) in enumerate(outputs):
             if slot.state is SlotState.PREFILL:
                 self._counters.prompt_tokens += slot.n_past
+                self._counters.cached_prompt_tokens += slot.cached
                 slot.state = SlotState.DECODE
             if slot.chain is not None:
                 token = slot.chain.sample(self._ctx, batch_index)
@@ -442,6 +488,7 @@ class LlmEngine:
         request, text = slot.request, slot.text
         assert request is not None and text is not None
         slot.generated += 1
+        slot.tokens.append(token)
         self._counters.generated_tokens += 1
         logprobs = self._logprobs(token, logits_row, request.params.logprobs)
         if self.model.is_eog(token):
@@ -466,6 +513,7 @@ class LlmEngine:
         return Final(
             finish_reason=reason,
             prompt_tokens=len(slot.request.prompt),
+            cached_tokens=slot.cached,
             completion_tokens=slot.generated,
             text=text,
             logprobs=logprobs,
@@ -492,20 +540,93 @@ class LlmEngine:
             return
         if slot.chain is not None:
             slot.chain.close()
-        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
         with self._cond:
             self._reserved -= request.reserved_cells
+            if isinstance(event, Final) and slot.state is SlotState.DECODE:
+                decoded = request.prompt + slot.tokens[: slot.n_past - len(request.prompt)]
+                self._remember(slot.seq_id, decoded[: self._cache_tokens])
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             self._running[request.tenant] -= 1
             if not self._running[request.tenant]:
                 del self._running[request.tenant]
             slot.request, slot.state, slot.chain, slot.text = None, SlotState.IDLE, None, None
-            slot.n_past = slot.generated = 0
+            slot.n_past = slot.generated = slot.cached = 0
+            slot.tokens = []
         # Delivered once the slot is free: a client's next request finds it so.
         if event is not None and not request.cancelled:
             request.sink(event)
+
+    # -- the prefix cache (engine thread) -------------------------------------------------------
+
+    def _reuse(self, seq_id: int, prompt: list[int]) -> int:
+        """Share the longest cached prefix of `prompt` with `seq_id`; how many tokens it covers.
+
+        The prompt's last token is always decoded again: its logits give the first token."""
+        if not self._cache or len(prompt) <= self.config.prefix_cache_min_tokens:
+            return 0
+        wanted = np.asarray(prompt, dtype=np.int32)
+        best, best_len = None, 0
+        for entry in self._cache:
+            if (n := _common_prefix(entry.tokens, wanted)) > best_len:
+                best, best_len = entry, n
+        reuse = min(best_len, len(prompt) - 1)
+        if best is None or reuse < self.config.prefix_cache_min_tokens:
+            return 0
+        llama_cpp.llama_memory_seq_cp(self._memory, best.seq_id, seq_id, 0, reuse)
+        best.used = self._next_tick()
+        return reuse
+
+    def _remember(self, seq_id: int, tokens: list[int]) -> None:
+        """Keep a finished sequence's KV cells as a cache entry, unless a longer entry holds
+        them already; entries that are its prefixes go."""
+        if not self._cache_free and not self._cache:
+            return  # the cache is off
+        if len(tokens) < self.config.prefix_cache_min_tokens:
+            return
+        if llama_cpp.llama_memory_seq_pos_min(self._memory, seq_id) != 0:
+            return  # sliding-window layers dropped its start: the prefix is no longer whole
+        held = np.asarray(tokens, dtype=np.int32)
+        for entry in list(self._cache):
+            common = _common_prefix(entry.tokens, held)
+            if common == len(held):
+                entry.used = self._next_tick()
+                return
+            if common == len(entry.tokens):
+                self._drop(entry)
+        if not self._cache_free:
+            self._drop(min(self._cache, key=lambda e: e.used))
+        self._evict_until(self.config.n_ctx - self._reserved - len(held))
+        if self._reserved + self._cache_cells + len(held) > self.config.n_ctx:
+            return
+        entry = _Cached(seq_id=self._cache_free.pop(), tokens=held, used=self._next_tick())
+        llama_cpp.llama_memory_seq_cp(self._memory, seq_id, entry.seq_id, 0, len(held))
+        self._cache.append(entry)
+        self._cache_cells += len(held)
+
+    def _evict_until(self, room: int) -> None:
+        """Drop the least recently used entries until the cache holds at most `room` cells."""
+        while self._cache and self._cache_cells > max(room, 0):
+            self._drop(min(self._cache, key=lambda e: e.used))
+
+    def _drop(self, entry: _Cached) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, entry.seq_id, -1, -1)
+        self._cache.remove(entry)
+        self._cache_cells -= len(entry.tokens)
+        self._cache_free.append(entry.seq_id)
+
+    def _next_tick(self) -> int:
+        self._tick += 1
+        return self._tick
 
     def _fail_all(self, message: str) -> None:
         running = sum(1 for slot in self._slots if slot.request is not None)
         log.error("engine %s: %s; failing its %d running requests", self.name, message, running)
         for slot in self._slots:
             self._finish(slot, Failed(message))
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n

@@ -71,6 +71,7 @@ class Final:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of decoded
     text: str = ""  # text released at the end (held-back bytes), if any
     logprobs: tuple[TokenLogprob, ...] = ()
 
