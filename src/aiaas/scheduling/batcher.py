@@ -149,6 +149,7 @@ class DynamicBatcher(Generic[In, Out]):
         self._size_counts = [0] * (len(BATCH_SIZE_BUCKETS) + 1)
         self._batches = self._items_run = self._dropped = 0  # counters for stats()
         self._planned: deque[list[_Item[In, Out]]] = deque()  # cut from a round, not yet run
+        self._planning = False  # a thread is cutting a round into batches, outside the lock
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -274,16 +275,18 @@ class DynamicBatcher(Generic[In, Out]):
             if claimed is None:
                 return None
             batch, planned = claimed
-            if not planned:
-                batch.sort(key=lambda item: item.size)  # stable: equal sizes keep policy order
-                first, *rest = (
-                    batch[a:b] for a, b in _plan_batches([i.size for i in batch], self.config)
-                )
-                batch = first
-                if rest:
+            if not planned:  # cut outside the lock, so that `submit` never waits on it
+                rest: list[list[_Item[In, Out]]] = []
+                try:
+                    batch.sort(key=lambda item: item.size)  # stable: equal sizes keep order
+                    sizes = [item.size for item in batch]
+                    first, *rest = (batch[a:b] for a, b in _plan_batches(sizes, self.config))
+                    batch = first
+                finally:
                     with self._cond:
+                        self._planning = False
                         self._planned.extend(rest)
-                        self._cond.notify(len(rest))
+                        self._cond.notify_all()
             with self._cond:
                 live = [item for item in batch if not item.request.closed]
                 self._dropped += len(batch) - len(live)
@@ -301,6 +304,9 @@ class DynamicBatcher(Generic[In, Out]):
                 return None
             if self._planned:
                 return self._planned.popleft(), True
+            if self._planning:  # its other batches go before any newer round
+                self._cond.wait()
+                continue
             head = self._policy.peek()
             if head is None:
                 self._cond.wait()
@@ -311,6 +317,7 @@ class DynamicBatcher(Generic[In, Out]):
             )
             left = head.item.arrived + config.max_wait_ms / 1000 - time.monotonic()
             if full or left <= 0:
+                self._planning = True
                 return self._take(), False
             self._cond.wait(left)
 
