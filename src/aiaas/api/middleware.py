@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import re
 import time
 from collections.abc import Mapping
@@ -14,6 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aiaas.errors import PayloadTooLarge
+from aiaas.ids import unique_hex
 from aiaas.observability.logs import request_id_var
 
 log = logging.getLogger("aiaas.access")
@@ -26,12 +26,6 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return value.decode("latin-1")
     return None
-
-
-def _new_request_id() -> str:
-    """32 hex digits, unique rather than secret. uuid4 reads os.urandom, which releases the GIL:
-    on a busy event loop, getting it back can wait for a work thread's switch interval."""
-    return f"{random.getrandbits(128):032x}"
 
 
 class RequestContextMiddleware:
@@ -49,7 +43,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = _header(scope, b"x-request-id") or ""
-        request_id = incoming if _SAFE_REQUEST_ID.match(incoming) else _new_request_id()
+        request_id = incoming if _SAFE_REQUEST_ID.match(incoming) else unique_hex()
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status = 500

@@ -7,7 +7,6 @@ Requests forbid unknown fields: a typo in a parameter is a 400 naming it, never 
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -21,6 +20,7 @@ from pydantic import (
 
 from aiaas.engines.llm.params import SamplingParams
 from aiaas.errors import InvalidRequest
+from aiaas.ids import unique_hex
 
 MAX_STOP_SEQUENCES = 4
 MAX_MESSAGES = 2048
@@ -400,7 +400,7 @@ class EmbeddingList(BaseModel):
 
 
 def new_completion_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    return f"{prefix}-{unique_hex()}"
 
 
 def now_s() -> int:
