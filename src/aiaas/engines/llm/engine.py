@@ -111,7 +111,6 @@ class Slot:
     request: GenerationRequest | None = None
     n_past: int = 0  # tokens of this sequence in the KV cache
     last_token: int = -1  # sampled, not yet decoded
-    generated: int = 0
     tokens: list[int] = field(default_factory=list)  # sampled so far, in order
     cached: int = 0  # prompt tokens taken from the prefix cache
     text: TextStream | None = None
@@ -385,8 +384,8 @@ class LlmEngine:
             request = ticket.item
             chain, request.chain = request.chain, None
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-            slot.request, slot.state, slot.n_past, slot.generated = request, SlotState.PREFILL, 0, 0
-            slot.text, slot.chain, slot.tokens = TextStream(request.params.stop), chain, []
+            slot.request, slot.state, slot.tokens = request, SlotState.PREFILL, []
+            slot.text, slot.chain = TextStream(request.params.stop), chain
             slot.cached = slot.n_past = self._reuse(slot.seq_id, request.prompt)
             self._reserved += request.reserved_cells
             self._evict_until(self.config.n_ctx - self._reserved)
@@ -487,7 +486,6 @@ class LlmEngine:
     def _accept(self, slot: Slot, token: int, logits_row: np.ndarray) -> None:
         request, text = slot.request, slot.text
         assert request is not None and text is not None
-        slot.generated += 1
         slot.tokens.append(token)
         self._counters.generated_tokens += 1
         logprobs = self._logprobs(token, logits_row, request.params.logprobs)
@@ -498,7 +496,7 @@ class LlmEngine:
         if released.stopped:
             self._finish(slot, self._final(slot, FinishReason.STOP, released.text, logprobs))
             return
-        if slot.generated >= request.max_new_tokens:
+        if len(slot.tokens) >= request.max_new_tokens:
             tail = released.text + text.flush()
             self._finish(slot, self._final(slot, FinishReason.LENGTH, tail, logprobs))
             return
@@ -514,7 +512,7 @@ class LlmEngine:
             finish_reason=reason,
             prompt_tokens=len(slot.request.prompt),
             cached_tokens=slot.cached,
-            completion_tokens=slot.generated,
+            completion_tokens=len(slot.tokens),
             text=text,
             logprobs=logprobs,
         )
@@ -550,7 +548,7 @@ class LlmEngine:
             if not self._running[request.tenant]:
                 del self._running[request.tenant]
             slot.request, slot.state, slot.chain, slot.text = None, SlotState.IDLE, None, None
-            slot.n_past = slot.generated = slot.cached = 0
+            slot.n_past = slot.cached = 0
             slot.tokens = []
         # Delivered once the slot is free: a client's next request finds it so.
         if event is not None and not request.cancelled:
@@ -594,7 +592,7 @@ class LlmEngine:
             if common == len(entry.tokens):
                 self._drop(entry)
         if not self._cache_free:
-            self._drop(min(self._cache, key=lambda e: e.used))
+            self._drop_oldest()
         self._evict_until(self.config.n_ctx - self._reserved - len(held))
         if self._reserved + self._cache_cells + len(held) > self.config.n_ctx:
             return
@@ -606,7 +604,10 @@ class LlmEngine:
     def _evict_until(self, room: int) -> None:
         """Drop the least recently used entries until the cache holds at most `room` cells."""
         while self._cache and self._cache_cells > max(room, 0):
-            self._drop(min(self._cache, key=lambda e: e.used))
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        self._drop(min(self._cache, key=lambda e: e.used))
 
     def _drop(self, entry: _Cached) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, entry.seq_id, -1, -1)
