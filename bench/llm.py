@@ -197,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         for name in args.systems:
             try:
-                results.append(measure_system(make_system(name, setup), setup, plan))
+                system = make_system(name, setup, ours_env=dict(args.ours_env))
+                results.append(measure_system(system, setup, plan))
             except (ProvisionError, ServerError, SetupError, httpx.HTTPError) as exc:
                 log.error("%s: %s", name, exc)
                 results.append(SystemResult(name=name, error=f"{type(exc).__name__}: {exc}"))
@@ -243,6 +244,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="send the prompts untagged, so repeats may hit a server's prompt cache",
     )
+    add(
+        "--ours-env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="AIAAS_NAME=VALUE",
+        help="a setting for ours on top of the bench's (repeatable), e.g. AIAAS_LLM_DRAFT_TOKENS=0",
+    )
     add("--json", type=Path, metavar="PATH", help="write raw results (every request) here")
     add(
         "--llama-sdist",
@@ -256,6 +265,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.duration is not None and (args.requests_per_client is not None or args.quick):
         parser.error("--duration excludes --requests-per-client and --quick")
     return args
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("AIAAS_"):
+        raise argparse.ArgumentTypeError(f"expected AIAAS_NAME=VALUE, got {text!r}")
+    return name, value
 
 
 def _load_plan(args: argparse.Namespace) -> LoadPlan:

@@ -235,9 +235,9 @@ class LlamaServer:
 SYSTEM_NAMES = ("ours", "llama-server", "llama_cpp.server")
 
 
-def make_system(name: str, setup: BenchSetup) -> System:
+def make_system(name: str, setup: BenchSetup, ours_env: dict[str, str] | None = None) -> System:
     if name == Ours.name:
-        return Ours(setup)
+        return Ours(setup, env=ours_env)
     if name == LlamaServer.name:
         return LlamaServer(setup)
     if name == LlamaCppPythonServer.name:

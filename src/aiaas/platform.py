@@ -141,6 +141,7 @@ class Platform:
                 headroom_slots=settings.llm_headroom_slots,
                 preempt_budget=settings.llm_preempt_budget,
                 prefix_cache_entries=settings.llm_prefix_cache_entries,
+                draft_tokens=settings.llm_draft_tokens,
             ),
             scheduling=settings.scheduling,
         )

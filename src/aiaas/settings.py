@@ -91,6 +91,14 @@ class Settings(BaseSettings):
         description="Finished sequences each LLM keeps in its KV cache so that later prompts "
         "starting the same way skip their prefill (0: no prefix cache).",
     )
+    llm_draft_tokens: int = Field(
+        default=4,
+        ge=0,
+        le=16,
+        description="Most guesses at its next tokens, taken from its own earlier text, that a "
+        "sequence sends with each decode step (speculative decoding; the engine sends them only "
+        "where its measured step costs say they pay; 0: never).",
+    )
     llm_max_waiting: int = Field(
         default=256, ge=1, description="Queued requests per model before 429."
     )

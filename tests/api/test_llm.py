@@ -121,6 +121,21 @@ def test_a_repeated_prompt_is_served_from_the_prefix_cache(
     assert _metric(llm_server, "aiaas_llm_prefix_cache_entries", BASE_MODEL) >= 1
 
 
+def test_a_repetitive_completion_streams_the_same_text_as_it_completes(
+    client: openai.OpenAI, llm_server: Server
+) -> None:
+    """Whatever the engine guesses (speculative decoding), streamed and whole answers agree and
+    the guess counters are exposed."""
+    prompt = "one two three four, " * 5 + "one two"
+    args = {"model": BASE_MODEL, "prompt": prompt, "max_tokens": 32, "temperature": 0}
+    whole = client.completions.create(**args)
+    streamed = client.completions.create(**args, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+    assert whole.usage.completion_tokens == 32
+    drafted = _metric(llm_server, "aiaas_llm_draft_tokens_total", BASE_MODEL)
+    assert 0 <= _metric(llm_server, "aiaas_llm_accepted_draft_tokens_total", BASE_MODEL) <= drafted
+
+
 def test_token_array_prompt(client: openai.OpenAI) -> None:
     reply = client.completions.create(model=BASE_MODEL, prompt=[2, 818, 5279], max_tokens=4)
     assert reply.usage.prompt_tokens == 3

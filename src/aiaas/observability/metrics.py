@@ -154,6 +154,16 @@ class _EngineCollector(Collector):
         entry_cells = GaugeMetricFamily(
             "aiaas_llm_prefix_cache_cells", "KV cells the prefix cache holds.", labels=["model"]
         )
+        drafted = CounterMetricFamily(
+            "aiaas_llm_draft_tokens",
+            "Guesses at a sequence's next tokens sent with its decode step (speculative decoding).",
+            labels=["model"],
+        )
+        accepted = CounterMetricFamily(
+            "aiaas_llm_accepted_draft_tokens",
+            "Guesses that sampling confirmed: tokens gained without a step of their own.",
+            labels=["model"],
+        )
         for model, stats in self._source():
             slots.add_metric([model], stats.slots)
             busy.add_metric([model], stats.busy_slots)
@@ -166,8 +176,10 @@ class _EngineCollector(Collector):
             cached.add_metric([model], stats.cached_prompt_tokens)
             entries.add_metric([model], stats.prefix_cache_entries)
             entry_cells.add_metric([model], stats.prefix_cache_cells)
+            drafted.add_metric([model], stats.draft_tokens)
+            accepted.add_metric([model], stats.accepted_draft_tokens)
         yield from (slots, busy, waiting, cells, steps, generated, headroom, preempted)
-        yield from (cached, entries, entry_cells)
+        yield from (cached, entries, entry_cells, drafted, accepted)
 
 
 class _PoolCollector(Collector):

@@ -13,8 +13,14 @@ copies that prefix the same way and decodes only the rest: a repeated system pro
 preamble or earlier chat turn costs no prefill. Entries go least recently used first, whenever
 running requests need their cells.
 
-Only the engine thread touches the context, the batch, the slots, the samplers and the prefix
-cache. Other threads talk to it through `submit` and `cancel`, which take the lock and wake it.
+Speculation (see `speculate.py`): a decoding slot may send, after its next token, guesses at
+the tokens that follow, taken from its own earlier text; sampling checks them position by
+position and keeps the accepted ones, so a step can give a slot several tokens. The engine sends
+a guess only while its fitted step costs and the guesses' odds say it raises tokens per second.
+
+Only the engine thread touches the context, the batch, the slots, the samplers, the prefix
+cache and the speculation's statistics. Other threads talk to it through `submit` and
+`cancel`, which take the lock and wake it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Literal
 
 import llama_cpp
 import numpy as np
@@ -43,12 +50,14 @@ from aiaas.engines.llm.params import (
     TokenLogprob,
 )
 from aiaas.engines.llm.sampler import SamplerChain, log_softmax, logits_view
+from aiaas.engines.llm.speculate import DraftOdds, Guess, NgramDrafter, StepCosts, plan_drafts
 from aiaas.errors import ConfigurationError, RateLimited
 from aiaas.scheduling.fair import AdmissionPolicy, FifoPolicy, Ticket
 
 log = logging.getLogger("aiaas.engines.llm")
 
 LLAMA_MAX_SEQ = 256  # sequence ids one llama.cpp context accepts (slots and cache entries)
+DRAFT_NGRAM = (1, 3)  # lengths of the n-grams looked up for guesses, shortest first
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +82,15 @@ class EngineConfig:
     # than `prefix_cache_min_tokens` are not worth an entry.
     prefix_cache_entries: int = 32
     prefix_cache_min_tokens: int = 16
+    # Most guesses one sequence sends with its next token (speculation); 0 sends none.
+    draft_tokens: int = 4
+    # "auto": the guesses that the measured step costs say pay; "always": every guess found
+    # (where rows are cheap whatever their number, and to measure speculation itself).
+    draft_policy: Literal["auto", "always"] = "auto"
+    # Guesses bring a step's rows with logits to a multiple of this: llama.cpp's CPU matrix
+    # kernels (tinyBLAS, the repacked gemm) work on tiles of 4 columns and are far slower on the
+    # rest (2 cores, Gemma 3: 7 rows 53 ms, 8 rows 38 ms).
+    row_tile: int = 4
 
 
 @dataclass(eq=False)
@@ -118,6 +136,21 @@ class Slot:
     # Admitted into headroom: its prompt is decoded in a step of its own, ahead of the batch,
     # so its first token does not wait for everyone else's next token.
     urgent: bool = False
+    drafter: NgramDrafter | None = None  # prompt and sampled tokens, for guesses
+    guesses_tried: int = 0
+    guesses_accepted: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Output:
+    """A slot's rows with logits in a step: its next token's, then its guesses'."""
+
+    slot: Slot
+    row: int  # of the step's logits
+    index: int  # in the batch
+    pos: int  # the position of the token whose logits are in `row`
+    guesses: tuple[int, ...] = ()
+    ngram: int = 0  # the length of the n-gram that found the guesses
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +167,8 @@ class EngineStats:
     cached_prompt_tokens: int = 0
     prefix_cache_entries: int = 0
     prefix_cache_cells: int = 0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
 
 @dataclass(eq=False)
@@ -153,6 +188,8 @@ class _Counters:
     headroom_admissions: int = 0  # requests that started in a slot kept free for them
     preemptions: int = 0  # steps cut short for a request taking the headroom
     cached_prompt_tokens: int = 0  # prompt tokens not decoded thanks to the prefix cache
+    draft_tokens: int = 0  # guesses sent with a slot's next token
+    accepted_draft_tokens: int = 0  # guesses that sampling confirmed
     admissions: deque[str] = field(default_factory=lambda: deque(maxlen=4096))
 
 
@@ -194,6 +231,13 @@ class LlmEngine:
         # an entry holds less than a window; models without such layers keep whole sequences.
         n_swa = llama_cpp.llama_model_n_swa(model.handle)
         self._cache_tokens = n_swa - 1 if n_swa > 0 else self.context_length
+        # Guesses need their KV positions dropped when wrong: recurrent state cannot go back.
+        self._speculate = config.draft_tokens > 0 and not (
+            llama_cpp.llama_model_is_recurrent(model.handle)
+            or llama_cpp.llama_model_is_hybrid(model.handle)
+        )
+        self._odds = DraftOdds(DRAFT_NGRAM[-1])
+        self._costs = StepCosts()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -316,6 +360,8 @@ class LlmEngine:
                 cached_prompt_tokens=self._counters.cached_prompt_tokens,
                 prefix_cache_entries=len(self._cache),
                 prefix_cache_cells=self._cache_cells,
+                draft_tokens=self._counters.draft_tokens,
+                accepted_draft_tokens=self._counters.accepted_draft_tokens,
             )
 
     def admission_order(self) -> list[str]:
@@ -386,6 +432,12 @@ class LlmEngine:
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             slot.request, slot.state, slot.tokens = request, SlotState.PREFILL, []
             slot.text, slot.chain = TextStream(request.params.stop), chain
+            slot.drafter = (
+                NgramDrafter(request.prompt, n_min=DRAFT_NGRAM[0], n_max=DRAFT_NGRAM[-1])
+                if self._speculate
+                else None
+            )
+            slot.guesses_tried = slot.guesses_accepted = 0
             slot.cached = slot.n_past = self._reuse(slot.seq_id, request.prompt)
             self._reserved += request.reserved_cells
             self._evict_until(self.config.n_ctx - self._reserved)
@@ -411,25 +463,31 @@ class LlmEngine:
                 self._finish(slot, None)
 
     def _step(self, only: Slot | None = None) -> bool:
-        """One llama_decode: every decoding slot's next token, then prompt chunks; `only`: just
-        that slot's prompt chunk. True when the step was cut short: llama.cpp dropped its
-        positions from the KV cache and the slots are as they were, to be sent again."""
+        """One llama_decode: every decoding slot's next token and its guesses, then prompt
+        chunks; `only`: just that slot's prompt chunk. True when the step was cut short:
+        llama.cpp dropped its positions from the KV cache and the slots are as they were, to be
+        sent again."""
         batch = self._batch
         assert batch is not None and self._ctx is not None
         before = [(slot, slot.n_past) for slot in self._slots]
-        outputs: list[tuple[Slot, int]] = []  # (slot, batch index of its output)
-        n = 0
-        for slot in self._slots if only is None else ():
-            if slot.state is SlotState.DECODE:
-                self._put(batch, n, slot.last_token, slot.n_past, slot.seq_id, True)
-                outputs.append((slot, n))
-                slot.n_past += 1
+        decoding = [s for s in self._slots if s.state is SlotState.DECODE] if only is None else []
+        prefilling = (
+            [only] if only is not None else [s for s in self._slots if s.state is SlotState.PREFILL]
+        )
+        guesses = self._guesses(decoding, prefilling)
+        outputs: list[_Output] = []
+        n = rows = 0
+        for slot in decoding:
+            ngram, guessed = guesses.get(slot.seq_id, (0, ()))
+            outputs.append(_Output(slot, rows, n, slot.n_past, guessed, ngram))
+            for depth, token in enumerate((slot.last_token, *guessed)):
+                self._put(batch, n, token, slot.n_past + depth, slot.seq_id, True)
                 n += 1
-        for slot in self._slots if only is None else (only,):
+                rows += 1
+            slot.n_past += 1
+        for slot in prefilling:
             if n >= self.config.n_batch:
                 break
-            if slot.state is not SlotState.PREFILL:
-                continue
             request = slot.request
             assert request is not None
             chunk = request.prompt[slot.n_past : slot.n_past + self.config.n_batch - n]
@@ -438,9 +496,11 @@ class LlmEngine:
                 last = slot.n_past == len(request.prompt)
                 self._put(batch, n, token, slot.n_past - 1, slot.seq_id, last)
                 if last:
-                    outputs.append((slot, n))
+                    outputs.append(_Output(slot, rows, n, slot.n_past - 1))
+                    rows += 1
                 n += 1
         batch.n_tokens = n
+        started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status == ABORTED:
             for slot, n_past in before:
@@ -450,8 +510,61 @@ class LlmEngine:
         if status != 0:
             self._fail_all(f"llama_decode failed with status {status}")
             return False
-        self._sample(outputs)
+        self._costs.observe(rows, n - rows, time.perf_counter() - started)
+        self._sample(outputs, rows)
         return False
+
+    def _guesses(
+        self, decoding: list[Slot], prefilling: list[Slot]
+    ) -> dict[int, tuple[int, tuple[int, ...]]]:
+        """seq id -> (n-gram length, guesses) for the decoding slots that send some this step."""
+        if not self._speculate or not decoding:
+            return {}
+        found: list[tuple[int, list[int]]] = []
+        candidates: list[Guess] = []
+        for slot in decoding:
+            request = slot.request
+            assert request is not None and slot.drafter is not None
+            limit = min(self.config.draft_tokens, request.max_new_tokens - len(slot.tokens) - 1)
+            ngram, tokens = slot.drafter.propose(limit) if limit > 0 else (0, [])
+            found.append((ngram, tokens))
+            chance = self._odds.chance(ngram, slot.guesses_accepted, slot.guesses_tried)
+            chain = 1.0
+            for depth in range(len(tokens)):
+                chain *= chance
+                candidates.append(Guess(chain, len(found) - 1, depth))
+        if not candidates:
+            return {}
+        # The rows the step has without guesses (as `_step` builds it: decoding slots, then
+        # prompt chunks while the batch has room); guesses take only the room left.
+        room = self.config.n_batch - len(decoding)
+        logit_rows, prompt_rows = len(decoding), 0
+        for slot in prefilling:
+            assert slot.request is not None
+            remaining = len(slot.request.prompt) - slot.n_past
+            taken = min(remaining, room)
+            room -= taken
+            logit_rows += taken == remaining
+            prompt_rows += taken - (taken == remaining)
+        if self.config.draft_policy == "always":
+            plan: dict[int, int] = {}
+            for owner, (_, tokens) in enumerate(found):
+                plan[owner] = min(len(tokens), room)
+                room -= plan[owner]
+        else:
+            plan = plan_drafts(
+                candidates,
+                self._costs,
+                logit_rows=logit_rows,
+                prompt_rows=prompt_rows,
+                room=room,
+                tile=self.config.row_tile,
+            )
+        return {
+            decoding[owner].seq_id: (found[owner][0], tuple(found[owner][1][:count]))
+            for owner, count in plan.items()
+            if count
+        }
 
     @staticmethod
     def _put(
@@ -463,30 +576,55 @@ class LlmEngine:
         batch.seq_id[i][0] = seq
         batch.logits[i] = out
 
-    def _sample(self, outputs: list[tuple[Slot, int]]) -> None:
+    def _sample(self, outputs: list[_Output], rows: int) -> None:
+        """Sample each output's rows in order, exactly as if decoded one step at a time: a
+        guess is kept while the token sampled before it equals it; the KV positions of the
+        guesses after the first miss are dropped."""
         if not outputs:
             return
-        logits = logits_view(self._ctx, len(outputs), self.model.n_vocab)
-        fast = [row for row, (slot, _) in enumerate(outputs) if slot.chain is None]
-        if len(fast) == len(outputs):
-            greedy = logits.argmax(axis=1)
-        else:
-            greedy = {row: int(np.argmax(logits[row])) for row in fast}
-        for row, (slot, batch_index) in enumerate(outputs):
+        logits = logits_view(self._ctx, rows, self.model.n_vocab)
+        for out in outputs:
+            slot = out.slot
             if slot.state is SlotState.PREFILL:
                 self._counters.prompt_tokens += slot.n_past
                 self._counters.cached_prompt_tokens += slot.cached
                 slot.state = SlotState.DECODE
-            if slot.chain is not None:
-                token = slot.chain.sample(self._ctx, batch_index)
-            else:
-                token = int(greedy[row])
-            self._accept(slot, token, logits[row])
+            accepted = 0
+            while True:
+                row = out.row + accepted
+                if slot.chain is not None:
+                    token = slot.chain.sample(self._ctx, out.index + accepted)
+                else:
+                    token = int(logits[row].argmax())
+                slot.n_past = out.pos + accepted + 1  # this row's input token is in the KV cache
+                self._accept(slot, token, logits[row])
+                if slot.request is None or accepted == len(out.guesses):
+                    tried = accepted
+                    break
+                if token != out.guesses[accepted]:
+                    tried = accepted + 1
+                    break
+                accepted += 1
+            if out.guesses:
+                self._settle_guesses(out, accepted, tried)
+
+    def _settle_guesses(self, out: _Output, accepted: int, tried: int) -> None:
+        """Drop the KV positions of the guesses after the first miss; count them."""
+        slot = out.slot
+        if slot.request is not None and accepted < len(out.guesses):
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, out.pos + accepted + 1, -1)
+        slot.guesses_tried += tried
+        slot.guesses_accepted += accepted
+        self._odds.record(out.ngram, accepted, tried)
+        self._counters.draft_tokens += len(out.guesses)
+        self._counters.accepted_draft_tokens += accepted
 
     def _accept(self, slot: Slot, token: int, logits_row: np.ndarray) -> None:
         request, text = slot.request, slot.text
         assert request is not None and text is not None
         slot.tokens.append(token)
+        if slot.drafter is not None:
+            slot.drafter.append(token)
         self._counters.generated_tokens += 1
         logprobs = self._logprobs(token, logits_row, request.params.logprobs)
         if self.model.is_eog(token):

@@ -1,0 +1,237 @@
+"""Speculative decoding in the LLM engine, on the real bundled models: guesses taken from the
+sequence's own text are checked position by position, so the engine gives the very tokens it
+gives without them (greedy and seeded sampling alike), never more than max_tokens, stops where
+a stop string says, and leaves the KV cache as if it had decoded one token per step. Asserted on
+the engine's own counts and outputs (never on time)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from aiaas.engines.llm.bundled import gemma3_path, smollm2_path
+from aiaas.engines.llm.engine import EngineConfig, LlmEngine
+from aiaas.engines.llm.model import LlamaModel
+from aiaas.engines.llm.params import Delta, Event, Failed, Final, SamplingParams, TokenLogprob
+
+TIMEOUT_S = 120
+
+# Text that repeats itself, so the model's continuation is both predictable from the prompt (the
+# guesses hit) and far from any near-tie (batch shapes change the last bits of the logits).
+LOOP = "red green blue, " * 6 + "red green"
+COUNTING = "Counting: one two three four, one two three four, one two three four, one two"
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaModel]:
+    loaded = LlamaModel(smollm2_path(Path(tmp_path_factory.mktemp("models"))))
+    yield loaded
+    loaded.close()
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaModel]:
+    loaded = LlamaModel(gemma3_path(Path(tmp_path_factory.mktemp("models"))))
+    yield loaded
+    loaded.close()
+
+
+@dataclass
+class Run:
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    final: Final | None = None
+    failed: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def sink(self, event: Event) -> None:
+        if isinstance(event, Delta):
+            self.text += event.text
+            self.logprobs.extend(event.logprobs)
+        elif isinstance(event, Final):
+            self.text += event.text
+            self.logprobs.extend(event.logprobs)
+            self.final = event
+            self.done.set()
+        elif isinstance(event, Failed):
+            self.failed = event.message
+            self.done.set()
+
+
+def _engine(
+    model: LlamaModel,
+    *,
+    drafts: int,
+    policy: Literal["auto", "always"] = "always",
+    slots: int = 4,
+    cache_entries: int = 0,
+) -> LlmEngine:
+    engine = LlmEngine(
+        model,
+        EngineConfig(
+            n_slots=slots,
+            n_ctx=4096,
+            context_length=1024,
+            n_batch=256,
+            n_threads=2,
+            headroom_slots=0,
+            prefix_cache_entries=cache_entries,
+            draft_tokens=drafts,
+            draft_policy=policy,
+        ),
+        name="test",
+    )
+    engine.start()
+    return engine
+
+
+def _submit(engine: LlmEngine, prompt: list[int], params: SamplingParams) -> Run:
+    run = Run()
+    engine.submit(
+        engine.request(prompt, params, max_new_tokens=params.max_tokens or 32, sink=run.sink)
+    )
+    return run
+
+
+def _finished(run: Run) -> Run:
+    assert run.done.wait(TIMEOUT_S), "the request never finished"
+    assert run.failed is None, run.failed
+    assert run.final is not None
+    return run
+
+
+def _generate(engine: LlmEngine, prompt: list[int], params: SamplingParams) -> Run:
+    return _finished(_submit(engine, prompt, params))
+
+
+def _greedy(max_tokens: int, **extra: object) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **extra)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("model_name", ["smollm2", "gemma"])
+def test_greedy_tokens_are_the_same_with_and_without_guesses(
+    model_name: str, request: pytest.FixtureRequest
+) -> None:
+    model: LlamaModel = request.getfixturevalue(model_name)  # gemma: sliding-window layers
+    prompt = model.tokenize(LOOP, add_special=True)
+    plain, speculating = _engine(model, drafts=0), _engine(model, drafts=4)
+    try:
+        expected = _generate(plain, prompt, _greedy(40))
+        got = _generate(speculating, prompt, _greedy(40))
+        stats = speculating.stats()
+        assert plain.stats().draft_tokens == 0
+    finally:
+        plain.close()
+        speculating.close()
+    assert got.text == expected.text
+    assert got.final is not None and expected.final is not None
+    assert got.final.completion_tokens == expected.final.completion_tokens == 40
+    assert got.final.finish_reason == expected.final.finish_reason
+    # The loop is guessed right: most tokens came without a step of their own.
+    assert stats.accepted_draft_tokens > 0
+    assert stats.accepted_draft_tokens <= stats.draft_tokens
+    assert stats.generated_tokens == 40
+    assert stats.steps < 40 - stats.accepted_draft_tokens // 2
+
+
+def test_seeded_sampling_draws_the_same_tokens(smollm2: LlamaModel) -> None:
+    """Sampling runs position by position with the same random draws, guesses or not."""
+    prompt = smollm2.tokenize(COUNTING, add_special=True)
+    params = SamplingParams(max_tokens=32, temperature=0.8, top_p=0.95, seed=1234)
+    plain, speculating = _engine(smollm2, drafts=0), _engine(smollm2, drafts=4)
+    try:
+        expected = _generate(plain, prompt, params)
+        got = _generate(speculating, prompt, params)
+        assert speculating.stats().draft_tokens > 0
+    finally:
+        plain.close()
+        speculating.close()
+    assert got.text == expected.text
+
+
+def test_guesses_never_run_past_max_tokens_or_a_stop_string(smollm2: LlamaModel) -> None:
+    prompt = smollm2.tokenize(LOOP, add_special=True)
+    engine, plain = _engine(smollm2, drafts=4), _engine(smollm2, drafts=0)
+    try:
+        for max_tokens in (1, 2, 3, 5, 9):
+            run = _generate(engine, prompt, _greedy(max_tokens))
+            assert run.final is not None
+            assert run.final.completion_tokens == max_tokens
+            assert run.final.finish_reason == "length"
+        stopped = _generate(engine, prompt, _greedy(40, stop=("green",)))
+        reference = _generate(plain, prompt, _greedy(40, stop=("green",)))
+        assert engine.stats().draft_tokens > 0
+        assert engine.stats().reserved_cells == 0
+    finally:
+        engine.close()
+        plain.close()
+    assert stopped.final is not None and reference.final is not None
+    assert stopped.final.finish_reason == "stop"
+    assert stopped.text == reference.text
+    assert "green" not in stopped.text
+    assert stopped.final.completion_tokens == reference.final.completion_tokens
+
+
+def test_each_accepted_guess_has_its_own_logprobs(smollm2: LlamaModel) -> None:
+    prompt = smollm2.tokenize(LOOP, add_special=True)
+    params = _greedy(24, logprobs=2)
+    plain, speculating = _engine(smollm2, drafts=0), _engine(smollm2, drafts=4)
+    try:
+        expected = _generate(plain, prompt, params)
+        got = _generate(speculating, prompt, params)
+        assert speculating.stats().accepted_draft_tokens > 0
+    finally:
+        plain.close()
+        speculating.close()
+    assert got.final is not None
+    assert len(got.logprobs) == got.final.completion_tokens == len(expected.logprobs)
+    for ours, theirs in zip(got.logprobs, expected.logprobs, strict=True):
+        assert ours.token == theirs.token
+        assert ours.logprob == pytest.approx(theirs.logprob, abs=2e-2)
+        assert [t[0] for t in ours.top] == [t[0] for t in theirs.top]
+
+
+def test_concurrent_streams_with_guesses_complete_and_keep_the_cache_whole(
+    smollm2: LlamaModel,
+) -> None:
+    """Several sequences guessing in the same steps; the KV positions of wrong guesses are
+    dropped, so the prefix cache, which keeps what a finished sequence decoded, serves a
+    repeat of a prompt with the same tokens afterwards."""
+    engine = _engine(smollm2, drafts=4, cache_entries=8)
+    plain = _engine(smollm2, drafts=0)
+    prompts = [
+        smollm2.tokenize(text, add_special=True)
+        for text in (LOOP, COUNTING, "A, B, C, A, B, C, A, B, C, A, B", LOOP + ", red")
+    ]
+    try:
+        runs = [_submit(engine, prompt, _greedy(32)) for prompt in prompts]
+        texts = [_finished(run).text for run in runs]
+        expected = [_generate(plain, prompt, _greedy(32)).text for prompt in prompts]
+        again = _generate(engine, prompts[0], _greedy(32))
+        stats = engine.stats()
+    finally:
+        engine.close()
+        plain.close()
+    assert texts == expected
+    assert again.final is not None and again.final.cached_tokens == len(prompts[0]) - 1
+    assert again.text == expected[0]
+    assert stats.accepted_draft_tokens > 0
+    assert stats.busy_slots == 0 and stats.reserved_cells == 0
+
+
+def test_the_auto_policy_gives_the_same_tokens(gemma: LlamaModel) -> None:
+    """Whatever the planner decides from its measured step costs, the tokens do not change."""
+    prompt = gemma.tokenize(COUNTING, add_special=True)
+    plain, auto = _engine(gemma, drafts=0), _engine(gemma, drafts=4, policy="auto")
+    try:
+        expected = [_generate(plain, prompt, _greedy(24)).text for _ in range(3)]
+        got = [_generate(auto, prompt, _greedy(24)).text for _ in range(3)]
+    finally:
+        plain.close()
+        auto.close()
+    assert got == expected
