@@ -181,3 +181,24 @@ def test_without_entries_nothing_is_cached(smollm2: LlamaModel) -> None:
         assert engine.stats().prefix_cache_entries == 0
     finally:
         engine.close()
+
+
+def test_a_cache_that_never_hits_shrinks_and_a_hit_restores_it(smollm2: LlamaModel) -> None:
+    """Idle entries are not free (their cells widen what every step's attention covers): after
+    as many lookups in a row as it has entries without a hit, the cache halves, down to two."""
+    words = ["apple", "birch", "cedar", "dune", "ember", "fjord", "grove", "heron", "iris"]
+    words += ["juniper", "kelp", "lotus", "moss", "nettle", "oak", "pine", "quince"]
+    prompts = [smollm2.tokenize(f"{w.title()}. " + PREAMBLE, add_special=True) for w in words]
+    engine = _engine(smollm2, entries=8)
+    try:
+        for prompt in prompts[:13]:  # 1 stored, then 12 misses: 8 -> 4 -> 2 entries
+            run = _generate(engine, prompt, new_tokens=2)
+            assert run.final is not None and run.final.cached_tokens == 0
+        assert engine.stats().prefix_cache_entries == 2
+        again = _generate(engine, prompts[12], new_tokens=2)
+        assert again.final is not None and again.final.cached_tokens == len(prompts[12]) - 1
+        for prompt in prompts[13:]:  # the hit restored 8 entries: four misses keep them all
+            _generate(engine, prompt, new_tokens=2)
+        assert engine.stats().prefix_cache_entries == 6
+    finally:
+        engine.close()
