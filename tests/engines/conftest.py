@@ -1,9 +1,12 @@
-"""Shared fixtures for engine tests: the bundled MiniLM, exported once per test session."""
+"""Shared fixtures for engine tests: the bundled MiniLM, exported once per test session, and the
+bundled GGUF models, loaded once per test session, with a sink that collects a request's events."""
 
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,9 @@ from aiaas.engines.embeddings.export import (
     export_sentence_encoder,
     minilm_l6_v2_dir,
 )
+from aiaas.engines.llm.bundled import gemma3_path, smollm2_path
+from aiaas.engines.llm.model import LlamaModel
+from aiaas.engines.llm.params import Delta, Event, Failed, Final, TokenLogprob
 
 MODEL_ID = "all-minilm-l6-v2"
 
@@ -82,3 +88,42 @@ def fp32_encoder(minilm_export: ExportedModel) -> SentenceEncoder:
 @pytest.fixture(scope="session")
 def int8_encoder(minilm_export: ExportedModel) -> SentenceEncoder:
     return SentenceEncoder(minilm_export, variant="int8", intra_op_threads=2)
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaModel]:
+    loaded = LlamaModel(smollm2_path(Path(tmp_path_factory.mktemp("models"))))
+    yield loaded
+    loaded.close()
+
+
+@pytest.fixture(scope="session")
+def gemma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaModel]:
+    """Gemma 3: sliding-window layers, no chat template."""
+    loaded = LlamaModel(gemma3_path(Path(tmp_path_factory.mktemp("models"))))
+    yield loaded
+    loaded.close()
+
+
+@dataclass
+class Run:
+    """One request's events, as a sink collects them on the engine thread."""
+
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    final: Final | None = None
+    failed: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def sink(self, event: Event) -> None:
+        if isinstance(event, Delta):
+            self.text += event.text
+            self.logprobs.extend(event.logprobs)
+        elif isinstance(event, Final):
+            self.text += event.text
+            self.logprobs.extend(event.logprobs)
+            self.final = event
+            self.done.set()
+        elif isinstance(event, Failed):
+            self.failed = event.message
+            self.done.set()

@@ -5,17 +5,13 @@ counts (never on time)."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import pytest
 
-from aiaas.engines.llm.bundled import gemma3_path, smollm2_path
 from aiaas.engines.llm.engine import EngineConfig, LlmEngine
 from aiaas.engines.llm.model import LlamaModel
-from aiaas.engines.llm.params import Delta, Event, Failed, Final, SamplingParams
+from aiaas.engines.llm.params import SamplingParams
+
+from .conftest import Run
 
 TIMEOUT_S = 120
 
@@ -23,39 +19,6 @@ PREAMBLE = (
     "You are a careful assistant for a library. Answer in one short sentence, in plain "
     "English, and never invent book titles. The library opens at nine and closes at five. "
 )
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaModel]:
-    loaded = LlamaModel(smollm2_path(Path(tmp_path_factory.mktemp("models"))))
-    yield loaded
-    loaded.close()
-
-
-@pytest.fixture(scope="module")
-def gemma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaModel]:
-    loaded = LlamaModel(gemma3_path(Path(tmp_path_factory.mktemp("models"))))
-    yield loaded
-    loaded.close()
-
-
-@dataclass
-class Run:
-    text: str = ""
-    final: Final | None = None
-    failed: str | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-
-    def sink(self, event: Event) -> None:
-        if isinstance(event, Delta):
-            self.text += event.text
-        elif isinstance(event, Final):
-            self.text += event.text
-            self.final = event
-            self.done.set()
-        elif isinstance(event, Failed):
-            self.failed = event.message
-            self.done.set()
 
 
 def _engine(model: LlamaModel, *, entries: int = 8, n_ctx: int = 4096, slots: int = 4) -> LlmEngine:

@@ -6,18 +6,15 @@ the engine's own counts and outputs (never on time)."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import pytest
 
-from aiaas.engines.llm.bundled import gemma3_path, smollm2_path
-from aiaas.engines.llm.engine import EngineConfig, LlmEngine
+from aiaas.engines.llm.engine import EngineConfig, EngineStats, LlmEngine
 from aiaas.engines.llm.model import LlamaModel
-from aiaas.engines.llm.params import Delta, Event, Failed, Final, SamplingParams, TokenLogprob
+from aiaas.engines.llm.params import SamplingParams
+
+from .conftest import Run
 
 TIMEOUT_S = 120
 
@@ -25,42 +22,6 @@ TIMEOUT_S = 120
 # guesses hit) and far from any near-tie (batch shapes change the last bits of the logits).
 LOOP = "red green blue, " * 6 + "red green"
 COUNTING = "Counting: one two three four, one two three four, one two three four, one two"
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaModel]:
-    loaded = LlamaModel(smollm2_path(Path(tmp_path_factory.mktemp("models"))))
-    yield loaded
-    loaded.close()
-
-
-@pytest.fixture(scope="module")
-def gemma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaModel]:
-    loaded = LlamaModel(gemma3_path(Path(tmp_path_factory.mktemp("models"))))
-    yield loaded
-    loaded.close()
-
-
-@dataclass
-class Run:
-    text: str = ""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    final: Final | None = None
-    failed: str | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-
-    def sink(self, event: Event) -> None:
-        if isinstance(event, Delta):
-            self.text += event.text
-            self.logprobs.extend(event.logprobs)
-        elif isinstance(event, Final):
-            self.text += event.text
-            self.logprobs.extend(event.logprobs)
-            self.final = event
-            self.done.set()
-        elif isinstance(event, Failed):
-            self.failed = event.message
-            self.done.set()
 
 
 def _engine(
@@ -109,6 +70,22 @@ def _generate(engine: LlmEngine, prompt: list[int], params: SamplingParams) -> R
     return _finished(_submit(engine, prompt, params))
 
 
+def _with_and_without_guesses(
+    model: LlamaModel, prompt: list[int], params: SamplingParams
+) -> tuple[Run, Run, EngineStats]:
+    """The same request on an engine without guesses and on one that sends every guess it
+    finds: (plain run, speculating run, the speculating engine's stats)."""
+    plain, speculating = _engine(model, drafts=0), _engine(model, drafts=4)
+    try:
+        expected = _generate(plain, prompt, params)
+        got = _generate(speculating, prompt, params)
+        assert plain.stats().draft_tokens == 0
+        return expected, got, speculating.stats()
+    finally:
+        plain.close()
+        speculating.close()
+
+
 def _greedy(max_tokens: int, **extra: object) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, **extra)  # type: ignore[arg-type]
 
@@ -119,15 +96,7 @@ def test_greedy_tokens_are_the_same_with_and_without_guesses(
 ) -> None:
     model: LlamaModel = request.getfixturevalue(model_name)  # gemma: sliding-window layers
     prompt = model.tokenize(LOOP, add_special=True)
-    plain, speculating = _engine(model, drafts=0), _engine(model, drafts=4)
-    try:
-        expected = _generate(plain, prompt, _greedy(40))
-        got = _generate(speculating, prompt, _greedy(40))
-        stats = speculating.stats()
-        assert plain.stats().draft_tokens == 0
-    finally:
-        plain.close()
-        speculating.close()
+    expected, got, stats = _with_and_without_guesses(model, prompt, _greedy(40))
     assert got.text == expected.text
     assert got.final is not None and expected.final is not None
     assert got.final.completion_tokens == expected.final.completion_tokens == 40
@@ -143,14 +112,8 @@ def test_seeded_sampling_draws_the_same_tokens(smollm2: LlamaModel) -> None:
     """Sampling runs position by position with the same random draws, guesses or not."""
     prompt = smollm2.tokenize(COUNTING, add_special=True)
     params = SamplingParams(max_tokens=32, temperature=0.8, top_p=0.95, seed=1234)
-    plain, speculating = _engine(smollm2, drafts=0), _engine(smollm2, drafts=4)
-    try:
-        expected = _generate(plain, prompt, params)
-        got = _generate(speculating, prompt, params)
-        assert speculating.stats().draft_tokens > 0
-    finally:
-        plain.close()
-        speculating.close()
+    expected, got, stats = _with_and_without_guesses(smollm2, prompt, params)
+    assert stats.draft_tokens > 0
     assert got.text == expected.text
 
 
@@ -179,15 +142,8 @@ def test_guesses_never_run_past_max_tokens_or_a_stop_string(smollm2: LlamaModel)
 
 def test_each_accepted_guess_has_its_own_logprobs(smollm2: LlamaModel) -> None:
     prompt = smollm2.tokenize(LOOP, add_special=True)
-    params = _greedy(24, logprobs=2)
-    plain, speculating = _engine(smollm2, drafts=0), _engine(smollm2, drafts=4)
-    try:
-        expected = _generate(plain, prompt, params)
-        got = _generate(speculating, prompt, params)
-        assert speculating.stats().accepted_draft_tokens > 0
-    finally:
-        plain.close()
-        speculating.close()
+    expected, got, stats = _with_and_without_guesses(smollm2, prompt, _greedy(24, logprobs=2))
+    assert stats.accepted_draft_tokens > 0
     assert got.final is not None
     assert len(got.logprobs) == got.final.completion_tokens == len(expected.logprobs)
     for ours, theirs in zip(got.logprobs, expected.logprobs, strict=True):
