@@ -536,6 +536,8 @@ class LlmEngine:
             limit = min(self.config.draft_tokens, request.max_new_tokens - len(slot.tokens) - 1)
             ngram, tokens = slot.drafter.propose(limit) if limit > 0 else (0, [])
             found.append((ngram, tokens))
+            if not tokens:
+                continue
             chance = self._odds.chance(ngram, slot.guesses_accepted, slot.guesses_tried)
             chain = 1.0
             for depth in range(len(tokens)):
@@ -739,7 +741,7 @@ class LlmEngine:
     def _remember(self, seq_id: int, tokens: list[int]) -> None:
         """Keep a finished sequence's KV cells as a cache entry, unless a longer entry holds
         them already; entries that are its prefixes go."""
-        if not self._cache_free and not self._cache:
+        if not self._cache_entries:
             return  # the cache is off
         if len(tokens) < self.config.prefix_cache_min_tokens:
             return
@@ -753,7 +755,7 @@ class LlmEngine:
                 return
             if common == len(entry.tokens):
                 self._drop(entry)
-        if not self._cache_free or len(self._cache) >= self._cache_limit:
+        if len(self._cache) >= self._cache_limit:  # also when no sequence id is free
             self._drop_oldest()
         self._evict_until(self.config.n_ctx - self._reserved - len(held))
         if self._reserved + self._cache_cells + len(held) > self.config.n_ctx:
