@@ -144,6 +144,8 @@ class Platform:
                 draft_tokens=settings.llm_draft_tokens,
             ),
             scheduling=settings.scheduling,
+            head_cache=settings.data_dir / "models" / "wide-head",
+            wide_head=settings.llm_wide_head,
         )
         metrics.watch_engines(lambda: [(m.id, m.engine.stats()) for m in pool.llms()])
         metrics.watch_batchers(

@@ -87,9 +87,10 @@ class EngineConfig:
     # "auto": the guesses that the measured step costs say pay; "always": every guess found
     # (where rows are cheap whatever their number, and to measure speculation itself).
     draft_policy: Literal["auto", "always"] = "auto"
-    # Guesses bring a step's rows with logits to a multiple of this: llama.cpp's CPU matrix
-    # kernels (tinyBLAS, the repacked gemm) work on tiles of 4 columns and are far slower on the
-    # rest (2 cores, Gemma 3: 7 rows 53 ms, 8 rows 38 ms).
+    # Guesses bring a step's rows with logits to a multiple of this: llama.cpp's quantized
+    # matrix kernels (tinyBLAS, the repacked gemm) work on tiles of 4 columns and are far slower
+    # on the rest (2 cores, Gemma 3: 7 rows 53 ms, 8 rows 38 ms). A model whose output layer was
+    # widened to BF16 (wide_head) has no such steps (7 rows 25 ms, 8 rows 30 ms): any count.
     row_tile: int = 4
 
 
@@ -139,6 +140,9 @@ class Slot:
     drafter: NgramDrafter | None = None  # prompt and sampled tokens, for guesses
     guesses_tried: int = 0
     guesses_accepted: int = 0
+    # Guesses found but not sent, checked against the tokens as they come all the same, so the
+    # odds keep learning while the planner sends none: (n-gram length, guesses, how many hit).
+    shadow: tuple[int, tuple[int, ...], int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +250,7 @@ class LlmEngine:
         )
         self._odds = DraftOdds(DRAFT_NGRAM[-1])
         self._costs = StepCosts()
+        self._row_tile = 1 if model.wide_head else config.row_tile
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -446,6 +451,7 @@ class LlmEngine:
                 else None
             )
             slot.guesses_tried = slot.guesses_accepted = 0
+            slot.shadow = None
             slot.cached = slot.n_past = self._reuse(slot.seq_id, request.prompt)
             self._reserved += request.reserved_cells
             self._evict_until(self.config.n_ctx - self._reserved)
@@ -568,8 +574,14 @@ class LlmEngine:
                 logit_rows=logit_rows,
                 prompt_rows=prompt_rows,
                 room=room,
-                tile=self.config.row_tile,
+                tile=self._row_tile,
             )
+        for owner, (ngram, tokens) in enumerate(found):
+            slot = decoding[owner]
+            if plan.get(owner):
+                slot.shadow = None  # sent: checked for real
+            elif tokens and slot.shadow is None:
+                slot.shadow = (ngram, tuple(tokens), 0)
         return {
             decoding[owner].seq_id: (found[owner][0], tuple(found[owner][1][:count]))
             for owner, count in plan.items()
@@ -623,11 +635,28 @@ class LlmEngine:
         slot = out.slot
         if slot.request is not None and accepted < len(out.guesses):
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, out.pos + accepted + 1, -1)
-        slot.guesses_tried += tried
-        slot.guesses_accepted += accepted
-        self._odds.record(out.ngram, accepted, tried)
+        self._record_guesses(slot, out.ngram, accepted, tried)
         self._counters.draft_tokens += len(out.guesses)
         self._counters.accepted_draft_tokens += accepted
+
+    def _record_guesses(self, slot: Slot, ngram: int, accepted: int, tried: int) -> None:
+        slot.guesses_tried += tried
+        slot.guesses_accepted += accepted
+        self._odds.record(ngram, accepted, tried)
+
+    def _check_shadow(self, slot: Slot, token: int) -> None:
+        """Score the guesses found but not sent against the token that came."""
+        assert slot.shadow is not None
+        ngram, guesses, hits = slot.shadow
+        if token == guesses[hits]:
+            hits += 1
+            if hits < len(guesses):
+                slot.shadow = (ngram, guesses, hits)
+                return
+            self._record_guesses(slot, ngram, hits, hits)
+        else:
+            self._record_guesses(slot, ngram, hits, hits + 1)
+        slot.shadow = None
 
     def _accept(self, slot: Slot, token: int, logits_row: np.ndarray) -> None:
         request, text = slot.request, slot.text
@@ -635,6 +664,8 @@ class LlmEngine:
         slot.tokens.append(token)
         if slot.drafter is not None:
             slot.drafter.append(token)
+        if slot.shadow is not None:
+            self._check_shadow(slot, token)
         self._counters.generated_tokens += 1
         logprobs = self._logprobs(token, logits_row, request.params.logprobs)
         if self.model.is_eog(token):
