@@ -113,12 +113,6 @@ class Ours:
         link = cache / self._setup.model_path.name
         if not link.exists():
             link.symlink_to(self._setup.model_path)
-        # Its widened copy too (engines/llm/wide_head.py), made once beside the model file.
-        shared = self._setup.model_path.parent / "wide-head"
-        shared.mkdir(exist_ok=True)
-        wide = cache / "wide-head"
-        if not wide.exists():
-            wide.symlink_to(shared, target_is_directory=True)
         return f"aiaas {importlib.metadata.version('aiaas')}"
 
     def launch(self, port: int) -> Launch:

@@ -142,10 +142,9 @@ class Platform:
                 preempt_budget=settings.llm_preempt_budget,
                 prefix_cache_entries=settings.llm_prefix_cache_entries,
                 draft_tokens=settings.llm_draft_tokens,
+                onnx_head=settings.llm_onnx_head,
             ),
             scheduling=settings.scheduling,
-            head_cache=settings.data_dir / "models" / "wide-head",
-            wide_head=settings.llm_wide_head,
         )
         metrics.watch_engines(lambda: [(m.id, m.engine.stats()) for m in pool.llms()])
         metrics.watch_batchers(

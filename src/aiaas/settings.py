@@ -99,11 +99,11 @@ class Settings(BaseSettings):
         "sequence sends with each decode step (speculative decoding; the engine sends them only "
         "where its measured step costs say they pay; 0: never).",
     )
-    llm_wide_head: Literal["auto", "on", "off"] = Field(
-        default="auto",
-        description="Serve a GGUF's quantized output layer from a BF16 copy (kept in the data "
-        "dir), which llama.cpp multiplies with AVX512-BF16: auto where the CPU has it and the "
-        "output layer holds a third or more of the model's weights.",
+    llm_onnx_head: bool = Field(
+        default=True,
+        description="Compute the output layer of decode steps with two or more rows with "
+        "logits in ONNX Runtime (MatMulNBits over the GGUF's own Q8_0 blocks) instead of "
+        "llama.cpp, for models whose output layer is Q8_0.",
     )
     llm_max_waiting: int = Field(
         default=256, ge=1, description="Queued requests per model before 429."

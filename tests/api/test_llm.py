@@ -243,6 +243,19 @@ def test_n_choices(client: openai.OpenAI) -> None:
     assert reply.usage.completion_tokens == sum(6 for _ in range(3))
 
 
+def test_choices_decoded_together_go_through_the_onnx_head(
+    client: openai.OpenAI, llm_server: Server
+) -> None:
+    """n choices decode in the same steps, so gemma-3-270m's output layer (Q8_0) is computed
+    by ONNX Runtime; the answer is whole all the same."""
+    reply = client.completions.create(
+        model=BASE_MODEL, prompt="The weather today", max_tokens=8, n=3, temperature=0.9, seed=5
+    )
+    assert reply.usage.completion_tokens == 24
+    assert all(choice.text for choice in reply.choices)
+    assert _metric(llm_server, "aiaas_llm_onnx_head_steps_total", BASE_MODEL) > 0
+
+
 def test_concurrent_streams_complete_with_correct_usage(llm_server: Server, llm_org: Org) -> None:
     prompts = [f"Story number {i}: once upon a time" for i in range(8)]
 

@@ -20,7 +20,6 @@ from aiaas.engines.embeddings.export import (
 from aiaas.engines.llm.bundled import gemma3_path, smollm2_path
 from aiaas.engines.llm.model import LlamaModel
 from aiaas.engines.llm.params import Delta, Event, Failed, Final, TokenLogprob
-from aiaas.engines.llm.wide_head import weights_for
 
 MODEL_ID = "all-minilm-l6-v2"
 
@@ -99,20 +98,9 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaModel]:
 
 
 @pytest.fixture(scope="session")
-def gemma_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return gemma3_path(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="session")
-def wide_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("wide-head")
-
-
-@pytest.fixture(scope="session")
-def gemma(gemma_file: Path, wide_cache: Path) -> Iterator[LlamaModel]:
-    """Gemma 3: sliding-window layers, no chat template; loaded as the server loads it (its
-    output layer widened to BF16 where `auto` does that)."""
-    loaded = LlamaModel(gemma_file, weights=weights_for(gemma_file, wide_cache, "auto"))
+def gemma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaModel]:
+    """Gemma 3: sliding-window layers, no chat template."""
+    loaded = LlamaModel(gemma3_path(Path(tmp_path_factory.mktemp("models"))))
     yield loaded
     loaded.close()
 

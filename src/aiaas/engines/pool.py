@@ -21,7 +21,6 @@ from aiaas.engines.embeddings.export import ExportedModel, Variant, export_sente
 from aiaas.engines.llm.chat_template import ChatTemplate
 from aiaas.engines.llm.engine import EngineConfig, LlmEngine
 from aiaas.engines.llm.model import LlamaModel
-from aiaas.engines.llm.wide_head import WideHead, weights_for
 from aiaas.errors import ConfigurationError, InvalidRequest, ModelNotFound, ServiceUnavailable
 from aiaas.scheduling.batcher import BatcherConfig, DynamicBatcher
 from aiaas.scheduling.fair import SchedulingMode, make_policy
@@ -105,9 +104,6 @@ def serve_encoder(
 class ModelPool:
     config: EngineConfig
     scheduling: SchedulingMode = "fair"
-    # Where widened copies of GGUF files go (None: load every file as it is), and when to widen.
-    head_cache: Path | None = None
-    wide_head: WideHead = "auto"
     _llms: dict[str, LoadedLlm] = field(default_factory=dict)
     _embedders: dict[str, LoadedEmbedder] = field(default_factory=dict)
     _loading: set[str] = field(default_factory=set)
@@ -142,37 +138,26 @@ class ModelPool:
 
     def load_llm(self, spec: LlmSpec) -> LoadedLlm:
         started = time.perf_counter()
-        source = spec.locate()
-        weights = weights_for(source, self.head_cache, self.wide_head)
-        try:
-            model = LlamaModel(source, weights=weights)
-        except ConfigurationError:
-            if weights == source:
-                raise
-            log.warning("llama.cpp refused %s's widened copy; loading it as it is", spec.id)
-            model = LlamaModel(source)
+        model = LlamaModel(spec.locate())
         engine = LlmEngine(model, self.config, name=spec.id, policy=make_policy(self.scheduling))
         try:
             engine.start()
         except BaseException:
             model.close()
             raise
-        template_source = spec.chat_template or model.info.chat_template
+        source = spec.chat_template or model.info.chat_template
         template = (
-            ChatTemplate(
-                template_source, bos_token=model.info.bos_text, eos_token=model.info.eos_text
-            )
-            if template_source
+            ChatTemplate(source, bos_token=model.info.bos_text, eos_token=model.info.eos_text)
+            if source
             else None
         )
         loaded = LoadedLlm(id=spec.id, engine=engine, template=template, created=int(time.time()))
         with self._lock:
             self._llms[spec.id] = loaded
         log.info(
-            "loaded model %s (%s%s) in %.1f s",
+            "loaded model %s (%s) in %.1f s",
             spec.id,
             model.info.description,
-            ", output layer in BF16" if model.weights != source else "",
             time.perf_counter() - started,
             extra={"model": spec.id, "context_length": engine.context_length},
         )

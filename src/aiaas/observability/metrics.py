@@ -164,6 +164,11 @@ class _EngineCollector(Collector):
             "Guesses that sampling confirmed: tokens gained without a step of their own.",
             labels=["model"],
         )
+        onnx_head = CounterMetricFamily(
+            "aiaas_llm_onnx_head_steps",
+            "Decode steps whose output layer ONNX Runtime computed instead of llama.cpp.",
+            labels=["model"],
+        )
         for model, stats in self._source():
             slots.add_metric([model], stats.slots)
             busy.add_metric([model], stats.busy_slots)
@@ -178,8 +183,9 @@ class _EngineCollector(Collector):
             entry_cells.add_metric([model], stats.prefix_cache_cells)
             drafted.add_metric([model], stats.draft_tokens)
             accepted.add_metric([model], stats.accepted_draft_tokens)
+            onnx_head.add_metric([model], stats.onnx_head_steps)
         yield from (slots, busy, waiting, cells, steps, generated, headroom, preempted)
-        yield from (cached, entries, entry_cells, drafted, accepted)
+        yield from (cached, entries, entry_cells, drafted, accepted, onnx_head)
 
 
 class _PoolCollector(Collector):

@@ -38,6 +38,7 @@ import llama_cpp
 import numpy as np
 
 from aiaas.engines.llm.detokenize import TextStream
+from aiaas.engines.llm.head import OutputHead, agrees
 from aiaas.engines.llm.interrupt import ABORTED, StepInterrupt
 from aiaas.engines.llm.model import LlamaModel
 from aiaas.engines.llm.params import (
@@ -58,6 +59,8 @@ log = logging.getLogger("aiaas.engines.llm")
 
 LLAMA_MAX_SEQ = 256  # sequence ids one llama.cpp context accepts (slots and cache entries)
 DRAFT_NGRAM = (1, 3)  # lengths of the n-grams looked up for guesses, shortest first
+# Decoded at start by llama.cpp's output layer and by ONNX Runtime's, which must agree.
+HEAD_CHECK_TEXT = "The quick brown fox jumps over the lazy dog, and then it runs into the woods."
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +90,14 @@ class EngineConfig:
     # "auto": the guesses that the measured step costs say pay; "always": every guess found
     # (where rows are cheap whatever their number, and to measure speculation itself).
     draft_policy: Literal["auto", "always"] = "auto"
-    # Guesses bring a step's rows with logits to a multiple of this: llama.cpp's quantized
-    # matrix kernels (tinyBLAS, the repacked gemm) work on tiles of 4 columns and are far slower
-    # on the rest (2 cores, Gemma 3: 7 rows 53 ms, 8 rows 38 ms). A model whose output layer was
-    # widened to BF16 (wide_head) has no such steps (7 rows 25 ms, 8 rows 30 ms): any count.
+    # Guesses bring a step's rows with logits to a multiple of this: llama.cpp's Q8_0 output
+    # layer kernel (tinyBLAS) works on tiles of 4 columns and is far slower on the rest (2 cores,
+    # Gemma 3: 7 rows 53 ms, 8 rows 38 ms). With the ONNX head (below) any count will do.
     row_tile: int = 4
+    # Steps with at least `onnx_head_rows` rows with logits have their output layer computed by
+    # ONNX Runtime where the model's is Q8_0 (engines/llm/head.py); one row stays with llama.cpp.
+    onnx_head: bool = True
+    onnx_head_rows: int = 2
 
 
 @dataclass(eq=False)
@@ -173,6 +179,7 @@ class EngineStats:
     prefix_cache_cells: int = 0
     draft_tokens: int = 0
     accepted_draft_tokens: int = 0
+    onnx_head_steps: int = 0
 
 
 @dataclass(eq=False)
@@ -194,6 +201,7 @@ class _Counters:
     cached_prompt_tokens: int = 0  # prompt tokens not decoded thanks to the prefix cache
     draft_tokens: int = 0  # guesses sent with a slot's next token
     accepted_draft_tokens: int = 0  # guesses that sampling confirmed
+    onnx_head_steps: int = 0  # steps whose output layer ONNX Runtime computed
     admissions: deque[str] = field(default_factory=lambda: deque(maxlen=4096))
 
 
@@ -250,28 +258,77 @@ class LlmEngine:
         )
         self._odds = DraftOdds(DRAFT_NGRAM[-1])
         self._costs = StepCosts()
-        self._row_tile = 1 if model.wide_head else config.row_tile
+        self._head: OutputHead | None = None
+        self._row_tile = config.row_tile
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._batch = llama_cpp.llama_batch_init(self.config.n_batch, 0, 1)
+        head = self._load_head()
+        self._open_context(head)
+        if head is not None and not self._head_agrees(head):
+            log.warning("engine %s: the ONNX output layer disagrees with llama.cpp's", self.name)
+            llama_cpp.llama_free(self._ctx)
+            head = None
+            self._open_context(None)
+        self._head = head
+        if head is not None:
+            self._row_tile = 1  # the 4-row tiles were the quantized head's
+        self._thread = threading.Thread(target=self._run, name=f"llm-{self.name}", daemon=True)
+        self._thread.start()
+
+    def _open_context(self, head: OutputHead | None) -> None:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.config.n_ctx
         params.n_batch = self.config.n_batch
-        params.n_ubatch = self.config.n_batch
+        params.n_ubatch = self.config.n_batch  # one ubatch a step: one tap of the hidden state
         params.n_seq_max = self.config.n_slots + len(self._cache_free)
         params.n_threads = self.config.n_threads
         params.n_threads_batch = self.config.n_threads
         params.kv_unified = True
         params.no_perf = True
+        if head is not None:
+            params.cb_eval = head.tap.callback
         self._ctx = llama_cpp.llama_init_from_model(self.model.handle, params)
         if not self._ctx:
             raise ConfigurationError(f"llama.cpp could not create a context for {self.name}")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._interrupt.install(self._ctx)
-        self._batch = llama_cpp.llama_batch_init(self.config.n_batch, 0, 1)
-        self._thread = threading.Thread(target=self._run, name=f"llm-{self.name}", daemon=True)
-        self._thread.start()
+
+    def _load_head(self) -> OutputHead | None:
+        if not self.config.onnx_head:
+            return None
+        try:
+            return OutputHead.load(
+                self.model.info.path,
+                n_embd=llama_cpp.llama_model_n_embd(self.model.handle),
+                n_vocab=self.model.n_vocab,
+                threads=self.config.n_threads,
+            )
+        except (OSError, ValueError) as exc:
+            log.warning("engine %s: llama.cpp keeps the output layer: %s", self.name, exc)
+            return None
+
+    def _head_agrees(self, head: OutputHead) -> bool:
+        """Decode a short text with llama.cpp's head and ours on the same hidden states."""
+        batch = self._batch
+        assert batch is not None and self._ctx is not None
+        tokens = self.model.tokenize(HEAD_CHECK_TEXT, add_special=True)[: self.config.n_batch]
+        outputs = min(len(tokens), 4)
+        for i, token in enumerate(tokens):
+            self._put(batch, i, token, i, 0, i >= len(tokens) - outputs)
+        batch.n_tokens = len(tokens)
+        head.tap.cut = False
+        try:
+            if llama_cpp.llama_decode(self._ctx, batch) != 0 or head.tap.rows is None:
+                return False
+            llamas = logits_view(self._ctx, outputs, self.model.n_vocab).copy()
+            ours = np.empty_like(llamas)
+            head.compute(head.tap.rows, ours)
+            return agrees(ours, llamas)
+        finally:
+            llama_cpp.llama_memory_seq_rm(self._memory, 0, -1, -1)
 
     def close(self) -> None:
         with self._cond:
@@ -375,6 +432,7 @@ class LlmEngine:
                 prefix_cache_cells=self._cache_cells,
                 draft_tokens=self._counters.draft_tokens,
                 accepted_draft_tokens=self._counters.accepted_draft_tokens,
+                onnx_head_steps=self._counters.onnx_head_steps,
             )
 
     def admission_order(self) -> list[str]:
@@ -514,6 +572,9 @@ class LlmEngine:
                     rows += 1
                 n += 1
         batch.n_tokens = n
+        head = self._head if rows >= self.config.onnx_head_rows else None
+        if self._head is not None:
+            self._head.tap.cut = head is not None
         started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status == ABORTED:
@@ -524,6 +585,14 @@ class LlmEngine:
         if status != 0:
             self._fail_all(f"llama_decode failed with status {status}")
             return False
+        if head is not None:
+            hidden = head.tap.rows
+            if hidden is None or hidden.shape[0] != rows:
+                self._fail_all("the output layer's input was not where the engine expected it")
+                return False
+            # into llama.cpp's own logits buffer: everything downstream reads it as usual
+            head.compute(hidden, logits_view(self._ctx, rows, self.model.n_vocab))
+            self._counters.onnx_head_steps += 1
         self._costs.observe(rows, n - rows, time.perf_counter() - started)
         self._sample(outputs, rows)
         return False

@@ -49,10 +49,7 @@ class ModelInfo:
 
 
 class LlamaModel:
-    """`path` is the model's GGUF file; `weights`, where given, a derived copy of it that
-    llama.cpp loads instead (the same model with its output layer widened, see wide_head)."""
-
-    def __init__(self, path: Path, *, weights: Path | None = None) -> None:
+    def __init__(self, path: Path) -> None:
         if not path.is_file():
             raise ConfigurationError(f"model file {path} does not exist")
         # Both are idempotent in llama.cpp, so each model may call them.
@@ -60,12 +57,9 @@ class LlamaModel:
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
         params.use_mmap = True
-        loaded = weights or path
-        self._model = llama_cpp.llama_model_load_from_file(str(loaded).encode(), params)
+        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self._model:
-            raise ConfigurationError(f"llama.cpp could not load {loaded}")
-        self.weights = loaded
-        self.wide_head = loaded != path  # its output layer is a BF16 copy (wide_head)
+            raise ConfigurationError(f"llama.cpp could not load {path}")
         self.vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._pieces: dict[int, bytes] = {}
