@@ -95,7 +95,8 @@ class EngineConfig:
     # Gemma 3: 7 rows 53 ms, 8 rows 38 ms). With the ONNX head (below) any count will do.
     row_tile: int = 4
     # Steps with at least `onnx_head_rows` rows with logits have their output layer computed by
-    # ONNX Runtime where the model's is Q8_0 (engines/llm/head.py); one row stays with llama.cpp.
+    # ONNX Runtime where the model's is Q8_0 (engines/llm/head.py); one row stays with llama.cpp,
+    # and so does every step with a row of a request that gave a `seed`.
     onnx_head: bool = True
     onnx_head_rows: int = 2
 
@@ -573,8 +574,14 @@ class LlmEngine:
                 n += 1
         batch.n_tokens = n
         head = self._head if rows >= self.config.onnx_head_rows else None
+        if head is not None and any(_seeded(out.slot) for out in outputs):
+            # A seeded request's draws should repeat however its steps are batched (guesses
+            # included): its logits always come from llama.cpp's head, since the two heads
+            # differ by more than llama.cpp's own kernels for one row and for several do.
+            head = None
         if self._head is not None:
             self._head.tap.cut = head is not None
+            self._head.tap.rows = None  # never a previous step's
         started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status == ABORTED:
@@ -888,6 +895,10 @@ class LlmEngine:
         log.error("engine %s: %s; failing its %d running requests", self.name, message, running)
         for slot in self._slots:
             self._finish(slot, Failed(message))
+
+
+def _seeded(slot: Slot) -> bool:
+    return slot.request is not None and slot.request.params.seed is not None
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
