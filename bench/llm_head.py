@@ -21,8 +21,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 from aiaas.engines.llm.bundled import gemma3_path
-from aiaas.engines.llm.gguf_index import output_matrix, read_tensor_table
-from aiaas.engines.llm.head import BLOCK, OutputHead
+from aiaas.engines.llm.head import OutputHead, dequantized, q8_0_output_blocks
 from aiaas.engines.llm.model import LlamaModel
 from aiaas.engines.llm.sampler import logits_view
 
@@ -34,17 +33,6 @@ TOPICS = [
     "how to learn a language", "the moon landing", "a day at the market", "ocean currents",
     "the invention of the telephone", "photosynthesis", "the game of football",
 ]  # fmt: skip
-
-
-def exact_matrix(path: Path, n_vocab: int, n_embd: int) -> np.ndarray:
-    """The Q8_0 output matrix, dequantized to float64 (scale x int8, exactly)."""
-    entry = output_matrix(read_tensor_table(path))
-    assert entry is not None
-    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=entry.offset, shape=(entry.nbytes,))
-    blocks = raw.reshape(n_vocab, n_embd // BLOCK, 2 + BLOCK)
-    scales = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).astype(np.float64)
-    values = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).astype(np.float64)
-    return (values * scales).reshape(n_vocab, n_embd)
 
 
 def main() -> None:
@@ -80,7 +68,9 @@ def main() -> None:
         assert llama_cpp.llama_decode(ctx, batch) == 0
 
     # accuracy
-    matrix = exact_matrix(path, model.n_vocab, n_embd)
+    blocks = q8_0_output_blocks(path, n_embd=n_embd, n_vocab=model.n_vocab)
+    assert blocks is not None
+    matrix = dequantized(blocks)
     feed = [
         model.tokenize(f"Tag {i}. Write about {topic}:", add_special=True)
         for i, topic in enumerate(TOPICS)

@@ -13,7 +13,7 @@ import pytest
 
 from aiaas.engines.llm.engine import EngineConfig, LlmEngine
 from aiaas.engines.llm.gguf_index import Q8_0, output_matrix, read_tensor_table
-from aiaas.engines.llm.head import BLOCK, OutputHead, agrees
+from aiaas.engines.llm.head import OutputHead, agrees, dequantized, q8_0_output_blocks
 from aiaas.engines.llm.model import LlamaModel
 from aiaas.engines.llm.params import SamplingParams
 from aiaas.training.gguf import requantize
@@ -34,13 +34,9 @@ PROMPTS = [
 def _exact(path: Path, model: LlamaModel, hidden: np.ndarray) -> np.ndarray:
     """hidden @ the dequantized Q8_0 output matrix, in float64."""
     n_embd = llama_cpp.llama_model_n_embd(model.handle)
-    entry = output_matrix(read_tensor_table(path))
-    assert entry is not None and entry.kind == Q8_0
-    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=entry.offset, shape=(entry.nbytes,))
-    blocks = raw.reshape(model.n_vocab, n_embd // BLOCK, 2 + BLOCK)
-    scales = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).astype(np.float64)
-    values = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).astype(np.float64)
-    return hidden.astype(np.float64) @ (values * scales).reshape(model.n_vocab, n_embd).T
+    blocks = q8_0_output_blocks(path, n_embd=n_embd, n_vocab=model.n_vocab)
+    assert blocks is not None
+    return hidden.astype(np.float64) @ dequantized(blocks).T
 
 
 @pytest.mark.parametrize("name", ["smollm2", "gemma"])

@@ -87,14 +87,9 @@ class OutputHead:
         """The head of the GGUF file at `path`, or None where it is not one we can serve."""
         if not _tensor_layout_matches():
             return None
-        table = read_tensor_table(path)
-        entry = output_matrix(table)
-        if entry is None or entry.kind != Q8_0 or "output.bias" in table:
+        blocks = q8_0_output_blocks(path, n_embd=n_embd, n_vocab=n_vocab)
+        if blocks is None:
             return None
-        if n_embd % BLOCK or entry.elements != n_embd * n_vocab:
-            return None
-        raw = np.memmap(path, dtype=np.uint8, mode="r", offset=entry.offset, shape=(entry.nbytes,))
-        blocks = raw.reshape(n_vocab, n_embd // BLOCK, _BLOCK_BYTES)
         scales = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).astype(np.float32)
         # int8 two's complement -> offset binary (q + 128): flip the sign bit
         weights = np.bitwise_xor(blocks[:, :, 2:], np.uint8(0x80))
@@ -108,6 +103,26 @@ class OutputHead:
         binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(hidden))
         binding.bind_output("y", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
         self._session.run_with_iobinding(binding)
+
+
+def q8_0_output_blocks(path: Path, *, n_embd: int, n_vocab: int) -> np.ndarray | None:
+    """The GGUF's output matrix as memory-mapped Q8_0 blocks, [n_vocab, n_embd / 32, 34] bytes
+    (a float16 scale, then 32 int8 weights), or None where it is not plain Q8_0."""
+    table = read_tensor_table(path)
+    entry = output_matrix(table)
+    if entry is None or entry.kind != Q8_0 or "output.bias" in table:
+        return None
+    if n_embd % BLOCK or entry.elements != n_embd * n_vocab:
+        return None
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=entry.offset, shape=(entry.nbytes,))
+    return raw.reshape(n_vocab, n_embd // BLOCK, _BLOCK_BYTES)
+
+
+def dequantized(blocks: np.ndarray) -> np.ndarray:
+    """Q8_0 blocks as the exact float64 matrix they hold (scale x int8)."""
+    scales = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).astype(np.float64)
+    values = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).astype(np.float64)
+    return (values * scales).reshape(blocks.shape[0], -1)
 
 
 def agrees(ours: np.ndarray, llamas: np.ndarray) -> bool:
