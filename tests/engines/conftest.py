@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,7 @@ from aiaas.engines.embeddings.export import (
     minilm_l6_v2_dir,
 )
 from aiaas.engines.llm.bundled import gemma3_path, smollm2_path
+from aiaas.engines.llm.engine import EngineConfig, LlmEngine
 from aiaas.engines.llm.model import LlamaModel
 from aiaas.engines.llm.params import Delta, Event, Failed, Final, TokenLogprob
 
@@ -103,6 +105,24 @@ def gemma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaModel]:
     loaded = LlamaModel(gemma3_path(Path(tmp_path_factory.mktemp("models"))))
     yield loaded
     loaded.close()
+
+
+def started_engine(model: LlamaModel, **config: Any) -> LlmEngine:
+    """A started engine on `model`: 4 slots over 4096 cells, no headroom, no prefix cache, no
+    guesses, with `config` on top."""
+    base: dict[str, Any] = {
+        "n_slots": 4,
+        "n_ctx": 4096,
+        "context_length": 1024,
+        "n_batch": 256,
+        "n_threads": 2,
+        "headroom_slots": 0,
+        "prefix_cache_entries": 0,
+        "draft_tokens": 0,
+    }
+    engine = LlmEngine(model, EngineConfig(**(base | config)), name="test")
+    engine.start()
+    return engine
 
 
 @dataclass

@@ -11,14 +11,14 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from aiaas.engines.llm.engine import EngineConfig, LlmEngine
+from aiaas.engines.llm.engine import LlmEngine
 from aiaas.engines.llm.gguf_index import Q8_0, output_matrix, read_tensor_table
 from aiaas.engines.llm.head import OutputHead, agrees, dequantized, q8_0_output_blocks
 from aiaas.engines.llm.model import LlamaModel
 from aiaas.engines.llm.params import SamplingParams
 from aiaas.training.gguf import requantize
 
-from .conftest import Run
+from .conftest import Run, started_engine
 
 TIMEOUT_S = 120
 # Texts that repeat themselves: their greedy continuations are far from near-ties, where two
@@ -62,29 +62,10 @@ def test_the_onnx_head_is_the_product_of_the_files_own_blocks(
 
 
 def _engine(model: LlamaModel, *, onnx_head: bool, drafts: int = 0) -> LlmEngine:
-    engine = LlmEngine(
-        model,
-        EngineConfig(
-            n_slots=4,
-            n_ctx=4096,
-            context_length=1024,
-            n_batch=256,
-            n_threads=2,
-            headroom_slots=0,
-            prefix_cache_entries=0,
-            draft_tokens=drafts,
-            draft_policy="always",
-            onnx_head=onnx_head,
-        ),
-        name="test",
-    )
-    engine.start()
-    return engine
+    return started_engine(model, onnx_head=onnx_head, draft_tokens=drafts, draft_policy="always")
 
 
-def _run_all(
-    engine: LlmEngine, model: LlamaModel, params: SamplingParams
-) -> list[Run]:  # fmt: skip
+def _run_all(engine: LlmEngine, model: LlamaModel, params: SamplingParams) -> list[Run]:
     runs = []
     for prompt in PROMPTS:
         run = Run()

@@ -10,11 +10,11 @@ from typing import Literal
 
 import pytest
 
-from aiaas.engines.llm.engine import EngineConfig, EngineStats, LlmEngine
+from aiaas.engines.llm.engine import EngineStats, LlmEngine
 from aiaas.engines.llm.model import LlamaModel
 from aiaas.engines.llm.params import SamplingParams
 
-from .conftest import Run
+from .conftest import Run, started_engine
 
 TIMEOUT_S = 120
 
@@ -32,23 +32,13 @@ def _engine(
     slots: int = 4,
     cache_entries: int = 0,
 ) -> LlmEngine:
-    engine = LlmEngine(
+    return started_engine(
         model,
-        EngineConfig(
-            n_slots=slots,
-            n_ctx=4096,
-            context_length=1024,
-            n_batch=256,
-            n_threads=2,
-            headroom_slots=0,
-            prefix_cache_entries=cache_entries,
-            draft_tokens=drafts,
-            draft_policy=policy,
-        ),
-        name="test",
+        n_slots=slots,
+        prefix_cache_entries=cache_entries,
+        draft_tokens=drafts,
+        draft_policy=policy,
     )
-    engine.start()
-    return engine
 
 
 def _submit(engine: LlmEngine, prompt: list[int], params: SamplingParams) -> Run:

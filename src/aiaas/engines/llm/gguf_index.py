@@ -11,9 +11,7 @@ import ctypes
 from dataclasses import dataclass
 from pathlib import Path
 
-# enum ggml_type values (ggml.h) this package names
-F32, F16, Q8_0, F64, BF16 = 0, 1, 8, 28, 30
-PLAIN = frozenset({F32, F16, F64, BF16})  # not quantized
+Q8_0 = 8  # enum ggml_type (ggml.h)
 
 
 @dataclass(frozen=True, slots=True)

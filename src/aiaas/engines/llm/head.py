@@ -20,21 +20,19 @@ writes ONNX Runtime's logits into llama.cpp's own logits buffer, so sampling, lo
 sampler chain read them as they would llama.cpp's. One-row steps keep llama.cpp's head (faster
 for a single row); the tap then only observes (~0.35 ms a step for the callback's node checks).
 
-A model is served this way only if its output layer is Q8_0 with no soft-capping or scale after
-it, and the engine checks at start that both heads agree on a real step (`agrees`).
+A model is served this way only if its output layer is Q8_0 with no bias; whatever else its graph
+does after the head (a soft-cap, a scale) would show at start, when the engine checks that both
+heads agree on a real step (`agrees`) and otherwise keeps llama.cpp's.
 """
 
 from __future__ import annotations
 
 import ctypes
-import logging
 from pathlib import Path
 
 import numpy as np
 
-from aiaas.engines.llm.gguf_index import Q8_0, output_matrix, read_tensor_table
-
-log = logging.getLogger(__name__)
+from aiaas.engines.llm.gguf_index import Q8_0, ggml_library, output_matrix, read_tensor_table
 
 BLOCK = 32  # Q8_0: 32 int8 weights and one float16 scale per block
 _BLOCK_BYTES = 2 + BLOCK
@@ -76,10 +74,8 @@ def _eval_callback_type():  # type: ignore[no-untyped-def]
 class OutputHead:
     """A GGUF model's Q8_0 output layer as an ONNX Runtime `MatMulNBits` session."""
 
-    def __init__(self, session, n_embd: int, n_vocab: int) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, session) -> None:  # type: ignore[no-untyped-def]
         self._session = session
-        self.n_embd = n_embd
-        self.n_vocab = n_vocab
         self.tap = HiddenStateTap()
 
     @classmethod
@@ -93,7 +89,7 @@ class OutputHead:
         scales = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).astype(np.float32)
         # int8 two's complement -> offset binary (q + 128): flip the sign bit
         weights = np.bitwise_xor(blocks[:, :, 2:], np.uint8(0x80))
-        return cls(_session(weights, scales[:, :, 0], n_embd, threads), n_embd, n_vocab)
+        return cls(_session(weights, scales[:, :, 0], n_embd, threads))
 
     def compute(self, hidden: np.ndarray, out: np.ndarray) -> None:
         """Logits of `hidden` ([rows, n_embd] float32) into `out` ([rows, n_vocab] float32)."""
@@ -174,8 +170,6 @@ def _session(weights: np.ndarray, scales: np.ndarray, n_embd: int, threads: int)
 
 def _tensor_layout_matches() -> bool:
     """Whether `struct ggml_tensor`'s name sits where the tap reads it (ggml_get_name agrees)."""
-    from aiaas.engines.llm.gguf_index import ggml_library
-
     lib = ggml_library("ggml-base")
     if lib is None or ctypes.sizeof(ctypes.c_void_p) != 8:
         return False
