@@ -39,7 +39,7 @@ import numpy as np
 import onnxruntime as ort
 import pandas as pd
 import uvloop
-from aiaas.training.preprocess import PreprocessingSpec, transform
+from aiaas.specs.preprocessing import PreprocessingSpec, transform
 
 from cpu import ForeignCpu
 from memory import PeakRssSampler, process_tree

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from aiaas.data.types import Task
+from aiaas.specs.types import Task
 from aiaas.training.trainer import EpochMetrics, Hyperparameters, Split, Stop, Trainer
 from torch import nn
 

@@ -34,14 +34,10 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from aiaas.data.types import SPLIT_COLUMN
-from aiaas.training.architectures import (
-    ArchitectureOptions,
-    build_model,
-    input_shape,
-    model_inputs,
-)
-from aiaas.training.preprocess import PreprocessingSpec, encode_labels, transform
+from aiaas.specs.preprocessing import PreprocessingSpec, encode_labels, transform
+from aiaas.specs.shapes import ArchitectureOptions, input_shape, model_inputs
+from aiaas.specs.types import SPLIT_COLUMN
+from aiaas.training.architectures import build_model
 
 from server import ServerProcess, free_port
 

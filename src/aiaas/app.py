@@ -6,6 +6,7 @@ work), bootstraps the operator's key on the first start, and closes everything o
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,7 +14,6 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from starlette.concurrency import run_in_threadpool
 
 from aiaas import __version__
 from aiaas.api import (
@@ -24,6 +24,7 @@ from aiaas.api import (
     embeddings,
     files,
     fine_tuning,
+    grants,
     health,
     llm,
     models,
@@ -65,9 +66,9 @@ def _announce_admin_key(issued: IssuedKey, settings: Settings) -> None:
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        platform = await run_in_threadpool(Platform.open, settings)
+        platform = await asyncio.to_thread(Platform.open, settings)
         try:
-            issued = await run_in_threadpool(platform.bootstrap_admin_key)
+            issued = await asyncio.to_thread(platform.bootstrap_admin_key)
             if issued is not None:
                 _announce_admin_key(issued, settings)
             platform.start_models()
@@ -76,7 +77,7 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.platform = platform
             yield
         finally:
-            await run_in_threadpool(platform.close)
+            await asyncio.to_thread(platform.close)
 
     app = FastAPI(
         title="aiaas",
@@ -94,7 +95,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)
     for router in (
         health.router,
-        models.router,
         llm.router,
         embeddings.router,
         files.router,
@@ -102,6 +102,7 @@ def create_app(settings: Settings) -> FastAPI:
         fine_tuning.router,
         registry.router,
         deployments.router,
+        models.router,  # after registry and deployments: its retrieve route takes any path
         predictions.router,
         optimisations.router,
         oip.router,
@@ -110,6 +111,7 @@ def create_app(settings: Settings) -> FastAPI:
         api_keys.router,
         audit.router,
         usage.router,
+        grants.router,
     ):
         app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
@@ -95,6 +96,7 @@ class Organization:
     redact_pii: bool = False
     rate_limits: RateLimits = RateLimits()
     quotas: Quotas = Quotas()
+    region: str = "local"
 
 
 class ProjectStatus(StrEnum):
@@ -234,6 +236,12 @@ class Dataset:
     description: str
     created_at: float
     latest_version: int | None
+    region: str = "local"  # the region of the node that holds its rows
+    residency: str = "none"  # "strict": its rows never leave `region`
+
+    @property
+    def strict(self) -> bool:
+        return self.residency == "strict"
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +327,18 @@ class Job:
     started_at: float | None
     finished_at: float | None
     result: dict[str, Any] | None = None  # what the job made (an optimisation's table)
+    grant_id: str | None = None  # trains on another organisation's dataset through this grant
+
+
+@dataclass(frozen=True, slots=True)
+class OptimisationRequest:
+    """A create request for an optimisation job, parsed (see protocol/optimisations.py)."""
+
+    model: str
+    version: int | None
+    variants: Sequence[dict[str, Any]]  # {"method": ..., method parameters}
+    seed: int | None = None
+    eval_text: str | None = None  # GGUF: the held-out text perplexity is measured on
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,6 +429,16 @@ class Deployment:
     updated_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class DeploymentSpec:
+    """What a deployment serves, as a create or update request gives it."""
+
+    model_id: str
+    target: Target
+    canary: Target | None = None
+    canary_percent: float = 0.0
+
+
 # -- usage ----------------------------------------------------------------------------------
 
 
@@ -428,6 +458,8 @@ class UsageRow:
     latency_ms: float
     request_id: str | None
     created_at: float
+    grant_id: str | None = None  # the call used another organisation's object through it
+    owner_org_id: str | None = None  # that object's owner
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,3 +484,74 @@ class UsageBucket:
 class UsagePage:
     buckets: list[UsageBucket]
     next_start: int | None  # where the next page starts, if the range goes on
+
+
+# -- grants ---------------------------------------------------------------------------------
+
+
+class GrantPermission(StrEnum):
+    """What a grantee may do with a shared object; each implies the ones before it."""
+
+    USE = "use"  # call it, see it in listings
+    TRAIN_ON = "train-on"  # train on it (dataset) or fine-tune from it (model), never read it
+    READ = "read"  # download artifacts and rows, see previews, statistics and the profile
+
+    @property
+    def rank(self) -> int:
+        return _PERMISSION_RANK[self]
+
+    def allows(self, needed: GrantPermission) -> bool:
+        return self.rank >= needed.rank
+
+
+_PERMISSION_RANK = {GrantPermission.USE: 0, GrantPermission.TRAIN_ON: 1, GrantPermission.READ: 2}
+
+
+class SharedKind(StrEnum):
+    """The kinds of object an organisation can grant."""
+
+    MODEL = "model"  # a registered model: all versions, or one
+    DATASET = "dataset"  # a dataset: all versions, or one
+    DEPLOYMENT = "deployment"  # a served deployment, called as `<owner org name>/<name>`
+
+
+# The grantee of a public grant: every organisation, through the catalogue.
+PUBLIC = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """One organisation's permission on another's object. `grantee_org_id` is PUBLIC for the
+    catalogue; `version` None covers every version (and versions made later)."""
+
+    id: str
+    org_id: str  # the owner, who granted it
+    grantee_org_id: str
+    kind: SharedKind
+    object_id: str
+    version: int | None
+    permission: GrantPermission
+    max_requests_per_minute: int | None
+    monthly_tokens: int | None
+    created_by: str | None
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+
+    @property
+    def public(self) -> bool:
+        return self.grantee_org_id == PUBLIC
+
+    def status(self, at: float) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= at:
+            return "expired"
+        return "active"
+
+    def active(self, at: float) -> bool:
+        return self.status(at) == "active"
+
+    def covers(self, version: int | None) -> bool:
+        """Whether the grant reaches `version` (None: the object as a whole)."""
+        return self.version is None or self.version == version

@@ -5,13 +5,14 @@ ApiError                         -> {"error": {"message", "type", "param", "code
 │   └── ContextLengthExceeded    400 context_length_exceeded
 ├── AuthenticationFailed  401    invalid_api_key: missing, malformed, unknown, revoked, expired
 ├── PermissionDenied      403    insufficient_permissions: the key lacks a scope
+│   └── ResidencyViolation       403 residency_violation: strict data would leave its region
 ├── NotFound              404    not_found (also another tenant's object)
 │   └── ModelNotFound            404 model_not_found
 ├── MethodNotAllowed      405
 ├── Conflict              409    already exists / in use
 ├── PayloadTooLarge       413    request_too_large
 ├── UnsupportedMediaType  415    unsupported_media_type
-├── RateLimited           429    rate_limit_exceeded (+ Retry-After)
+├── RateLimited           429    rate_limit_exceeded (+ retry_after)
 │   └── InsufficientQuota        429 insufficient_quota: the month's quota is spent
 ├── ServerError           500    server_error
 │   └── BlobIntegrityError       500 a stored blob failed authentication
@@ -34,6 +35,7 @@ class ApiError(Exception):
         *,
         param: str | None = None,
         code: str | None = None,
+        retry_after: float | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
@@ -41,6 +43,10 @@ class ApiError(Exception):
         self.param = param
         if code is not None:
             self.code = code
+        # Seconds after which the same request may succeed (429, 503); the API layer renders it
+        # as `Retry-After`. Layers below `api/` say when, never how HTTP spells it.
+        self.retry_after = retry_after
+        # HTTP headers only the API layer sets (e.g. `Allow` on a 405).
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
@@ -71,6 +77,12 @@ class AuthenticationFailed(ApiError):
 class PermissionDenied(ApiError):
     status = 403
     code = "insufficient_permissions"
+
+
+class ResidencyViolation(PermissionDenied):
+    """Data that must stay in its region would leave it (a grant, a job elsewhere)."""
+
+    code = "residency_violation"
 
 
 class NotFound(ApiError):

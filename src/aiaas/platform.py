@@ -29,6 +29,7 @@ from aiaas.services.datasets import DatasetService
 from aiaas.services.deployments import DeploymentService
 from aiaas.services.embeddings import DeployedEncoders, EmbeddingService
 from aiaas.services.files import FileService
+from aiaas.services.grants import GrantService
 from aiaas.services.inference import InferenceService
 from aiaas.services.jobs import JobService
 from aiaas.services.keys import KeyService
@@ -43,7 +44,7 @@ from aiaas.settings import BUNDLED_MODELS, Settings
 from aiaas.storage.blobs import EncryptedBlobStore
 from aiaas.storage.crypto import KeyRing
 from aiaas.storage.db import Database
-from aiaas.storage.opened import Storage
+from aiaas.storage.process import Storage
 from aiaas.workers.local import LocalExecutor
 from aiaas.workers.runner import JobRunner, RunnerConfig
 
@@ -86,6 +87,7 @@ class Platform:
     metering: Metering
     bundles: BundleService
     optimisations: OptimisationService
+    grants: GrantService
     runner: JobRunner | None = None
 
     @classmethod
@@ -93,6 +95,8 @@ class Platform:
         storage = Storage.open(settings, migrate=True)
         db, keyring, blobs, pepper = storage.db, storage.keyring, storage.blobs, storage.pepper
         audit = AuditService(db)
+        grants = GrantService(db, audit, cache_s=settings.auth_cache_s)
+        grants.sweep_expired()
         keys = KeyService(
             db,
             pepper=pepper,
@@ -103,15 +107,31 @@ class Platform:
         files = FileService(db, blobs, audit, max_file_bytes=settings.max_file_bytes)
         files.sweep()
         datasets = DatasetService(
-            db, blobs, files, audit, max_source_bytes=settings.max_dataset_bytes
+            db,
+            blobs,
+            files,
+            audit,
+            max_source_bytes=settings.max_dataset_bytes,
+            grants=grants,
+            region=settings.region,
         )
         datasets.sweep()
-        registry = RegistryService(db, blobs, audit)
+        registry = RegistryService(db, blobs, audit, grants=grants)
         registry.sweep()
-        jobs = JobService(db, blobs, audit)
+        jobs = JobService(db, blobs, audit, grants, region=settings.region)
         jobs.sweep()
         metrics = Metrics()
-        deployments = DeploymentService(db, registry, audit, cache_s=settings.route_cache_s)
+        metering = Metering(
+            RateLimiter.from_url(settings.redis_url),
+            UsageMeter(
+                db,
+                flush_interval_s=settings.usage_flush_interval_s,
+                audit=audit,
+                audit_window_s=settings.audit_usage_window_s,
+            ),
+            metrics,
+        )
+        deployments = DeploymentService(db, registry, audit, grants, cache_s=settings.route_cache_s)
         predictions = PredictionService(
             deployments,
             registry,
@@ -127,6 +147,7 @@ class Platform:
                 policy=functools.partial(make_policy, settings.scheduling),
             ),
             metrics,
+            metering,
             threads=settings.classic_threads,
         )
         metrics.watch_classic_pool(predictions.pool_stats)
@@ -161,7 +182,7 @@ class Platform:
             blobs=blobs,
             audit=audit,
             keys=keys,
-            tenancy=TenancyService(db, keys=keys, audit=audit),
+            tenancy=TenancyService(db, keys=keys, audit=audit, region=settings.region),
             files=files,
             datasets=datasets,
             metrics=metrics,
@@ -187,15 +208,12 @@ class Platform:
             registry=registry,
             deployments=deployments,
             predictions=predictions,
-            metering=Metering(
-                RateLimiter.from_url(settings.redis_url),
-                UsageMeter(db, flush_interval_s=settings.usage_flush_interval_s),
-                metrics,
-            ),
+            metering=metering,
             bundles=BundleService(registry),
             optimisations=OptimisationService(
                 db, registry, jobs, audit, llm_file=functools.partial(_llm_file, pool)
             ),
+            grants=grants,
         )
 
     def start_models(self) -> None:

@@ -137,6 +137,12 @@ class Settings(BaseSettings):
         description="Seconds a verified key skips the database (a revocation through another "
         "replica takes effect within this); 0 checks every request.",
     )
+    region: str = Field(
+        default="local",
+        pattern=r"^[a-z0-9][a-z0-9-]{0,31}$",
+        description="This node's region: new organisations and datasets are labelled with it, "
+        "and a dataset marked residency 'strict' is used only by jobs of this region.",
+    )
     route_cache_s: float = Field(
         default=1.0,
         ge=0,
@@ -180,6 +186,13 @@ class Settings(BaseSettings):
     )
     usage_flush_interval_s: float = Field(
         default=1.0, gt=0, le=60, description="Most seconds usage records wait to be written."
+    )
+    audit_usage_window_s: int = Field(
+        default=60,
+        ge=1,
+        le=3600,
+        description="Seconds per `grant.used` audit event: calls through each grant are "
+        "audited aggregated over windows this long (a UTC minute by default).",
     )
     scheduling: Literal["fair", "fifo"] = Field(
         default="fair",

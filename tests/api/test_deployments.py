@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import math
+import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from openai.types.fine_tuning import FineTuningJob
 from PIL import Image
 
 from aiaas import __version__
-from aiaas.training.preprocess import PreprocessingSpec, transform
+from aiaas.specs.preprocessing import PreprocessingSpec, transform
 from tests.api import test_fine_tuning as fine_tuning
 from tests.api.test_fine_tuning import (
     api,
@@ -294,6 +295,41 @@ def test_oip_on_a_pinned_version_reproduces_that_versions_evaluation(points: Poi
     assert sum(t == p for t, p in pairs) / len(rows) == evaluation["accuracy"]
     matrix = [[pairs.count((actual, label)) for label in CLASSES] for actual in CLASSES]
     assert matrix == evaluation["confusion_matrix"]
+
+
+def predictions_counted(points: Points, version: int, route: str) -> float:
+    """The `aiaas_predictions` counter for this org's deployment `points` (0 before any)."""
+    with points.server.client(points.server.admin_key) as admin:
+        response = admin.get("/metrics")
+    assert response.status_code == 200, response.text
+    labels = f'model="{points.name}",org="{points.org.id}",route="{route}",version="{version}"'
+    pattern = r"^aiaas_predictions_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+-]+)$"
+    for match in re.finditer(pattern, response.text, re.M):
+        if ",".join(sorted(match["labels"].split(","))) == labels:
+            return float(match["value"])
+    return 0.0
+
+
+def test_oip_inference_is_counted_in_the_predictions_metric(points: Points) -> None:
+    first = transform(points.spec(), tabular_frame(3, seed=11)).tabular
+    second = transform(points.spec(2), tabular_frame(5, seed=12)).tabular
+    assert first is not None and second is not None
+    before = {v: predictions_counted(points, v, "oip") for v in (1, 2)}
+    with points.http() as http:
+        response = http.post(
+            f"/v2/models/{points.name}/infer", json={"inputs": [tensor("tabular", first)]}
+        )
+        assert response.status_code == 200, response.text
+        response = http.post(
+            f"/v2/models/{points.name}/versions/2/infer",
+            json={"inputs": [tensor("tabular", second)]},
+        )
+        assert response.status_code == 200, response.text
+        # A refused request predicts nothing and counts nothing.
+        bad = {"inputs": [{**tensor("tabular", first), "datatype": "INT64", "data": [1]}]}
+        assert_error(http.post(f"/v2/models/{points.name}/infer", json=bad), 400)
+    assert predictions_counted(points, 1, "oip") == before[1] + 3
+    assert predictions_counted(points, 2, "oip") == before[2] + 5
 
 
 def test_oip_server_metadata_health_and_model_metadata(points: Points) -> None:

@@ -31,8 +31,8 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from aiaas.engines.embeddings.export import minilm_l6_v2_dir
-from aiaas.training.architectures import input_shape, model_inputs
-from aiaas.training.preprocess import PreprocessingSpec, transform
+from aiaas.specs.preprocessing import PreprocessingSpec, transform
+from aiaas.specs.shapes import input_shape, model_inputs
 from tests.conftest import Org, Server, assert_error, create_org
 
 POLL_S = 0.2

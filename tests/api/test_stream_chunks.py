@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from aiaas.api.llm import DeltaTemplate
 from aiaas.protocol.openai import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -14,6 +13,7 @@ from aiaas.protocol.openai import (
     Completion,
     CompletionChoice,
 )
+from aiaas.services.serving import DeltaTemplate
 
 TEXTS = ["", "hello", ' "quoted" \\ back', "line\nbreak\ttab", "é中文🙂", "\x00\x1f"]
 

@@ -14,8 +14,8 @@ from PIL import Image
 
 from aiaas.data.profile import DatasetProfile, profile_table, schema_columns
 from aiaas.data.readers import DataFormat, ReadLimits, ZipLimits, read_image_zip, read_table
-from aiaas.data.types import ColumnType, Task
 from aiaas.errors import InvalidRequest
+from aiaas.specs.types import ColumnType, Task
 
 REVIEWS = [
     "this product is really great and works",

@@ -23,8 +23,8 @@ from aiaas.data.readers import (
     read_table,
     sniff_format,
 )
-from aiaas.data.types import IMAGE_COLUMN, LABEL_COLUMN
 from aiaas.errors import ApiError, InvalidRequest, PayloadTooLarge
+from aiaas.specs.types import IMAGE_COLUMN, LABEL_COLUMN
 
 MIXED_CSV = b"""id,age,score,active,color,joined
 1,34,1.5,true,red,2021-01-05

@@ -16,13 +16,11 @@ import pytest
 from PIL import Image
 from tokenizers import Tokenizer
 
-from aiaas.data.types import Task
 from aiaas.edge import runner
 from aiaas.edge.bundle import RUNNER_PATH, bundle_stem
 from aiaas.edge.runner import Preprocessor, WordPiece
 from aiaas.engines.embeddings.export import minilm_l6_v2_dir
-from aiaas.training.plan import TOKENIZER_REF
-from aiaas.training.preprocess import (
+from aiaas.specs.preprocessing import (
     CategoricalStep,
     ImageStep,
     LabelSpec,
@@ -32,6 +30,8 @@ from aiaas.training.preprocess import (
     fit,
     transform,
 )
+from aiaas.specs.shapes import TOKENIZER_REF
+from aiaas.specs.types import Task
 
 
 def platform_inputs(

@@ -20,21 +20,11 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from aiaas.data.types import ColumnType, Task
 from aiaas.engines.classic import ClassicModel, ClassicPool, Prediction, TensorSpec
 from aiaas.engines.embeddings.export import minilm_l6_v2_dir
 from aiaas.errors import InvalidRequest, ServiceUnavailable
 from aiaas.scheduling.batcher import BatcherConfig
-from aiaas.training.architectures import (
-    ArchitectureOptions,
-    Network,
-    build_model,
-    input_shape,
-    model_inputs,
-)
-from aiaas.training.export import example_inputs, export_onnx
-from aiaas.training.plan import MINILM, TOKENIZER_REF
-from aiaas.training.preprocess import (
+from aiaas.specs.preprocessing import (
     LabelSpec,
     PreprocessingSpec,
     TextStep,
@@ -42,6 +32,16 @@ from aiaas.training.preprocess import (
     propose_spec,
     transform,
 )
+from aiaas.specs.shapes import (
+    MINILM,
+    TOKENIZER_REF,
+    ArchitectureOptions,
+    input_shape,
+    model_inputs,
+)
+from aiaas.specs.types import ColumnType, Task
+from aiaas.training.architectures import Network, build_model
+from aiaas.training.export import example_inputs, export_onnx
 
 DEADLINE_S = 30.0
 SMALL = ArchitectureOptions(hidden_sizes=[16], embedding_dim=16, hidden_size=8, channels=[4, 8])

@@ -16,7 +16,7 @@ from aiaas.engines.llm.gguf_index import Q8_0, output_matrix, read_tensor_table
 from aiaas.engines.llm.head import OutputHead, agrees, dequantized, q8_0_output_blocks
 from aiaas.engines.llm.model import LlamaModel
 from aiaas.engines.llm.params import SamplingParams
-from aiaas.training.gguf import requantize
+from aiaas.engines.llm.quantize import requantize
 
 from .conftest import Run, started_engine
 

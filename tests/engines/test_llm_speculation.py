@@ -10,9 +10,9 @@ from typing import Literal
 
 import pytest
 
-from aiaas.engines.llm.engine import EngineStats, LlmEngine
+from aiaas.engines.llm.engine import LlmEngine
 from aiaas.engines.llm.model import LlamaModel
-from aiaas.engines.llm.params import SamplingParams
+from aiaas.engines.llm.params import EngineStats, SamplingParams
 
 from .conftest import Run, started_engine
 

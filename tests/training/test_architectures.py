@@ -12,22 +12,9 @@ from PIL import Image
 from pydantic import ValidationError
 from tokenizers import Tokenizer
 
-from aiaas.data.types import Task
 from aiaas.engines.embeddings.export import minilm_l6_v2_dir
 from aiaas.errors import InvalidRequest
-from aiaas.training.architectures import (
-    ARCHITECTURES,
-    INPUT_NAMES,
-    ArchitectureOptions,
-    InputShape,
-    Network,
-    build_model,
-    check_compatible,
-    input_shape,
-    model_inputs,
-)
-from aiaas.training.export import ExportError, example_inputs, export_onnx, verify_onnx
-from aiaas.training.preprocess import (
+from aiaas.specs.preprocessing import (
     CategoricalStep,
     ImageStep,
     LabelSpec,
@@ -37,6 +24,18 @@ from aiaas.training.preprocess import (
     fit,
     transform,
 )
+from aiaas.specs.shapes import (
+    ARCHITECTURES,
+    INPUT_NAMES,
+    ArchitectureOptions,
+    InputShape,
+    check_compatible,
+    input_shape,
+    model_inputs,
+)
+from aiaas.specs.types import Task
+from aiaas.training.architectures import Network, build_model
+from aiaas.training.export import ExportError, example_inputs, export_onnx, verify_onnx
 
 MINILM = "all-minilm-l6-v2"
 SMALL = ArchitectureOptions(

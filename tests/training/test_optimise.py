@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.numpy import load as load_safetensors
 
+from aiaas.specs.shapes import ArchitectureOptions, InputShape
 from aiaas.training import optimise
 from aiaas.training.architectures import Network, build_model
 from aiaas.training.export import export_onnx
-from aiaas.training.shapes import ArchitectureOptions, InputShape
 
 SHAPE = InputShape(
     tabular_dim=32,

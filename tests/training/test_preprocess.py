@@ -14,9 +14,8 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from tokenizers.processors import TemplateProcessing
 
-from aiaas.data.types import SPLIT_COLUMN, ColumnType, Split, Task
 from aiaas.errors import InvalidRequest
-from aiaas.training.preprocess import (
+from aiaas.specs.preprocessing import (
     CategoricalStep,
     ImageStep,
     LabelSpec,
@@ -32,6 +31,7 @@ from aiaas.training.preprocess import (
     transform,
     unscale_targets,
 )
+from aiaas.specs.types import SPLIT_COLUMN, ColumnType, Split, Task
 
 
 def png(color: int | tuple[int, ...], size: tuple[int, int], mode: str = "RGB") -> bytes:

@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from aiaas.data.types import Task
+from aiaas.specs.types import Task
 from aiaas.training.checkpoints import load_state
 from aiaas.training.trainer import (
     EpochMetrics,

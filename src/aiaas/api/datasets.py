@@ -56,6 +56,7 @@ def create_dataset(body: DatasetCreate, ctx: FilesWriteDep, datasets: DatasetsDe
         file_ids=body.file_ids,
         options=body.build_options(),
         redact_pii=body.redact_pii,
+        residency=body.residency,
     )
     return DatasetPublic.from_domain(dataset, version)
 
@@ -64,8 +65,9 @@ def create_dataset(body: DatasetCreate, ctx: FilesWriteDep, datasets: DatasetsDe
 def list_datasets(
     ctx: FilesReadDep, datasets: DatasetsDep, after: After = None, limit: Limit = 20
 ) -> ListResponse[DatasetPublic]:
+    """The caller's datasets, then other organisations' that it may read (with `owned_by`)."""
     page = datasets.list(org_id=ctx.org_id, after=after, limit=limit)
-    data = [DatasetPublic.from_domain(d) for d in page.items]
+    data = [DatasetPublic.from_domain(s.dataset, owned_by=s.owned_by) for s in page.items]
     return ListResponse[DatasetPublic].of(data, has_more=page.has_more)
 
 
@@ -73,7 +75,8 @@ def list_datasets(
 def retrieve_dataset(
     dataset_id: DatasetId, ctx: FilesReadDep, datasets: DatasetsDep
 ) -> DatasetPublic:
-    return DatasetPublic.from_domain(datasets.get(org_id=ctx.org_id, dataset_id=dataset_id))
+    shown = datasets.show(org_id=ctx.org_id, dataset_id=dataset_id)
+    return DatasetPublic.from_domain(shown.dataset, owned_by=shown.owned_by)
 
 
 @router.delete("/{dataset_id}", response_model=DatasetDeleted)

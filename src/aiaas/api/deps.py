@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.concurrency import run_in_threadpool
 
 from aiaas.domain import Actor, Principal, Scope
 from aiaas.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
@@ -62,7 +62,7 @@ async def get_principal(
     principal = platform.keys.cached(token)
     if principal is None:
         try:
-            principal = await run_in_threadpool(platform.keys.authenticate, token)
+            principal = await asyncio.to_thread(platform.keys.authenticate, token)
         except AuthenticationFailed:
             platform.metrics.auth_failures.inc()
             raise
@@ -123,7 +123,7 @@ def org_context(scope: Scope) -> Callable[..., Awaitable[OrgContext]]:
         if principal.org_id is not None:
             if openai_organization and openai_organization != principal.org_id:
                 # 404, like another org's object.
-                await run_in_threadpool(tenancy.get_org, principal, openai_organization)
+                await asyncio.to_thread(tenancy.get_org, principal, openai_organization)
             return OrgContext(
                 principal=principal, org_id=principal.org_id, project_id=principal.project_id
             )
@@ -132,8 +132,8 @@ def org_context(scope: Scope) -> Callable[..., Awaitable[OrgContext]]:
                 "A platform admin key must name an organization in the OpenAI-Organization header.",
                 param="OpenAI-Organization",
             )
-        org = await run_in_threadpool(tenancy.get_org, principal, openai_organization)
-        project_id = await run_in_threadpool(tenancy.default_project_id, org.id)
+        org = await asyncio.to_thread(tenancy.get_org, principal, openai_organization)
+        project_id = await asyncio.to_thread(tenancy.default_project_id, org.id)
         return OrgContext(principal=principal, org_id=org.id, project_id=project_id)
 
     return resolve

@@ -7,6 +7,7 @@ hierarchy, so the `ApiError` handler covers the whole tree in `aiaas.errors`.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,6 +30,8 @@ log = logging.getLogger("aiaas.api")
 
 def error_response(error: ApiError) -> JSONResponse:
     headers = dict(error.headers)
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
     if isinstance(error, AuthenticationFailed):
         headers.setdefault("WWW-Authenticate", "Bearer")
     return JSONResponse(error.body(), status_code=error.status, headers=headers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Literal
 from urllib.parse import quote
 
@@ -9,7 +10,6 @@ import anyio
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from aiaas.api.deps import After, FilesReadDep, FilesWriteDep, PlatformDep, path_id
@@ -57,12 +57,18 @@ async def create_file(request: Request, ctx: FilesWriteDep, files: FilesDep) -> 
         raise InvalidRequest("Missing the 'file' part of the upload.", param="file")
     purpose = _purpose(form.fields.get("purpose"))
     assert ctx.project_id is not None
-    upload = await run_in_threadpool(
-        files.begin,
-        org_id=ctx.org_id,
-        project_id=ctx.project_id,
-        filename=part.filename,
-        actor=ctx.actor,
+    # anyio's worker threads, not `asyncio.to_thread` as elsewhere: `form.sync_chunks()` pulls
+    # the body through `anyio.from_thread`, which needs an anyio worker thread; and a cancelled
+    # wait here still waits for its thread to finish, so `abort` never races `receive` or
+    # `commit`.
+    upload = await anyio.to_thread.run_sync(
+        functools.partial(
+            files.begin,
+            org_id=ctx.org_id,
+            project_id=ctx.project_id,
+            filename=part.filename,
+            actor=ctx.actor,
+        )
     )
     try:
         await anyio.to_thread.run_sync(
@@ -72,12 +78,12 @@ async def create_file(request: Request, ctx: FilesWriteDep, files: FilesDep) -> 
         final = _purpose(form.fields.get("purpose"))
         if final is None:
             raise InvalidRequest("Missing the 'purpose' field of the upload.", param="purpose")
-        stored = await run_in_threadpool(
+        stored = await anyio.to_thread.run_sync(
             lambda: files.commit(upload, purpose=final, actor=ctx.actor)
         )
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
-            await run_in_threadpool(files.abort, upload)
+            await anyio.to_thread.run_sync(files.abort, upload)
         if isinstance(exc, ClientDisconnect):
             raise InvalidRequest("The client went away during the upload.") from exc
         raise

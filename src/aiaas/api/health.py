@@ -22,7 +22,7 @@ class Health(BaseModel):
 def health(platform: PlatformDep) -> Health:
     if not platform.readiness.ready:
         loading = ", ".join(sorted(platform.readiness.loading))
-        raise ServiceUnavailable(f"Loading: {loading}.", headers={"Retry-After": "1"})
+        raise ServiceUnavailable(f"Loading: {loading}.", retry_after=1)
     return Health()
 
 

@@ -20,7 +20,6 @@ from aiaas.api.deps import (
     PredictionsDep,
     metered,
 )
-from aiaas.errors import InvalidRequest
 from aiaas.protocol.oip import (
     InferenceRequest,
     InferenceResponse,
@@ -126,27 +125,14 @@ async def _infer(
     call: MeteredCall,
 ) -> InferenceResponse:
     call.model = name
-    served = await predictions.serve(org_id=org_id, name=name, version=version)
-    model = served.loaded.model
-    types = {t.name: t.datatype for t in model.inputs}
-    inputs = {}
-    for tensor in body.inputs:
-        if tensor.name not in types:
-            raise InvalidRequest(
-                f"unknown input {tensor.name!r}; the model takes {sorted(types)}",
-                param=tensor.name,
-            )
-        if tensor.name in inputs:
-            raise InvalidRequest(f"input {tensor.name!r} is given twice", param=tensor.name)
-        inputs[tensor.name] = tensor.array(types[tensor.name])
-    known = {t.name for t in model.outputs}
-    for wanted in body.outputs or []:
-        if wanted.name not in known:
-            raise InvalidRequest(
-                f"unknown output {wanted.name!r}; the model gives {sorted(known)}",
-                param="outputs",
-            )
-    logits = await served.loaded.infer(inputs, tenant=org_id, weight=call.principal.weight)
+    served, logits = await predictions.infer(
+        org_id=org_id,
+        name=name,
+        version=version,
+        request=body,
+        weight=call.principal.weight,
+        call=call,
+    )
     call.count(model=name, items=int(logits.shape[0]) if logits.ndim else 1)
     return InferenceResponse(
         model_name=name,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
-from starlette.concurrency import run_in_threadpool
 
 from aiaas.api.deps import After, Limit, PlatformDep, TrainingDep, path_id
 from aiaas.protocol.fine_tuning import FineTuningJobEvent
@@ -32,7 +32,7 @@ async def create_optimisation(
     """Queue a job that builds each variant, measures it against its parent on the same test
     split and registers it as a new version of the model."""
     assert ctx.project_id is not None
-    job = await run_in_threadpool(
+    job = await asyncio.to_thread(
         service.create,
         org_id=ctx.org_id,
         project_id=ctx.project_id,

@@ -34,7 +34,7 @@ OrgId = Annotated[str, path_id("An organization id.")]
 def create_organization(
     body: OrganizationCreate, admin: PlatformAdminDep, tenancy: TenancyDep
 ) -> OrganizationCreated:
-    created = tenancy.create_org(name=body.name, actor=Actor.of(admin))
+    created = tenancy.create_org(name=body.name, actor=Actor.of(admin), region=body.region)
     return OrganizationCreated(
         **OrganizationPublic.from_domain(created.org).model_dump(),
         project_id=created.project.id,

@@ -29,6 +29,7 @@ async def predict(
         texts=body.texts,
         images=body.images,
         weight=ctx.principal.weight,
+        call=call,
     )
     call.count(model=body.model, items=len(results))
     version = served.routed.version

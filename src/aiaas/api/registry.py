@@ -54,7 +54,7 @@ def list_versions(
 def retrieve_version(
     model: ModelPath, version: VersionNumber, ctx: ModelsReadCtxDep, registry: RegistryDep
 ) -> ModelVersionPublic:
-    found = registry.get_version(org_id=ctx.org_id, model_id=model, version=version)
+    found = registry.read_version(org_id=ctx.org_id, model_id=model, version=version)
     return ModelVersionPublic.from_domain(found)
 
 
@@ -71,7 +71,7 @@ def download_artifact(
     registry: RegistryDep,
 ) -> StreamingResponse:
     """The artifact's bytes: model.safetensors, model.onnx, preprocessing.json, model.json."""
-    found = registry.get_version(org_id=ctx.org_id, model_id=model, version=version)
+    found = registry.read_version(org_id=ctx.org_id, model_id=model, version=version)
     artifact, chunks = registry.open_artifact(found, name)
     suffix = name[name.rfind(".") :] if "." in name else ""
     return StreamingResponse(

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from starlette.concurrency import run_in_threadpool
 
 from aiaas.api.deps import ID_PATTERN, OrgContextDep, PlatformDep
 from aiaas.errors import InvalidRequest
@@ -40,6 +40,13 @@ async def usage(
     page: Annotated[
         str | None, Query(pattern=r"^[0-9]{1,12}$", description="`next_page` of the last page.")
     ] = None,
+    shared: Annotated[
+        bool,
+        Query(
+            description="The calls other organisations made through this one's grants "
+            "(group by grant_id and organization_id to see who used what), not its own."
+        ),
+    ] = False,
 ) -> UsagePagePublic:
     """Usage per day (or hour) bucket, grouped by model, project, key or endpoint."""
     if page is not None:
@@ -49,7 +56,7 @@ async def usage(
         start_time = today - 6 * 86400
     if end_time is not None and end_time <= start_time:
         raise InvalidRequest("end_time must be after start_time.", param="end_time")
-    summary = await run_in_threadpool(
+    summary = await asyncio.to_thread(
         platform.metering.meter.summary,
         org_id=ctx.org_id,
         start=start_time,
@@ -59,5 +66,6 @@ async def usage(
         limit=limit,
         models=models or [],
         project_ids=project_ids or [],
+        shared=shared,
     )
     return UsagePagePublic.from_domain(summary)

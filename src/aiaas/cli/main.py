@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from aiaas.cli.data import datasets_app, files_app
+from aiaas.cli.grants import catalog, grants_app
 from aiaas.cli.models import deploy, deployments_app, export, models_app
 from aiaas.cli.optimise import optimise_app
 from aiaas.cli.training import jobs_app, train
@@ -43,6 +44,8 @@ app.command()(deploy)
 app.command()(usage)
 app.add_typer(optimise_app, name="optimise")
 app.command()(export)
+app.add_typer(grants_app, name="grants")
+app.command()(catalog)
 
 _CLI_ACTOR = Actor(type="cli")
 

@@ -22,8 +22,8 @@ from typing import Final
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from aiaas.data.types import IMAGE_COLUMN, LABEL_COLUMN
 from aiaas.errors import InvalidRequest, PayloadTooLarge
+from aiaas.specs.types import IMAGE_COLUMN, LABEL_COLUMN
 
 __all__ = ["ZipLimits", "read_image_zip"]
 

@@ -32,10 +32,9 @@ from aiaas.data.readers import (
     read_table,
     sniff_format,
 )
-from aiaas.data.types import SPLIT_COLUMN, Task
 from aiaas.errors import InvalidRequest
 from aiaas.privacy.pii import ColumnPiiReport, PiiDetector, redact_frame
-from aiaas.training.preprocess import (
+from aiaas.specs.preprocessing import (
     FeatureStep,
     PreprocessingSpec,
     SplitSpec,
@@ -43,6 +42,7 @@ from aiaas.training.preprocess import (
     fit,
     propose_spec,
 )
+from aiaas.specs.types import SPLIT_COLUMN, Task
 
 __all__ = [
     "BuildOptions",

@@ -34,8 +34,8 @@ import pandas as pd
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, JsonValue
 
-from aiaas.data.types import ColumnType, Task
 from aiaas.errors import InvalidRequest
+from aiaas.specs.types import ColumnType, Task
 
 __all__ = ["ColumnProfile", "DatasetProfile", "profile_table", "schema_columns"]
 

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from aiaas.data.types import Task
 from aiaas.edge import readme
 from aiaas.edge.runner import BundleError, WordPiece
 from aiaas.errors import InvalidRequest
-from aiaas.training.preprocess import PreprocessingSpec, TextStep
+from aiaas.specs.preprocessing import PreprocessingSpec, TextStep
+from aiaas.specs.types import Task
 
 __all__ = ["RUNNER_PATH", "BundleSource", "bundle_stem", "write_bundle"]
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from aiaas.data.types import Task
-from aiaas.training.preprocess import (
+from aiaas.specs.preprocessing import (
     CategoricalStep,
     FeatureStep,
     ImageStep,
@@ -15,6 +14,7 @@ from aiaas.training.preprocess import (
     PreprocessingSpec,
     TextStep,
 )
+from aiaas.specs.types import Task
 
 if TYPE_CHECKING:
     from aiaas.edge.bundle import BundleSource

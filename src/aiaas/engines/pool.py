@@ -216,9 +216,7 @@ class ModelPool:
         if loaded is not None:
             return loaded
         if loading:
-            raise ServiceUnavailable(
-                f"The model '{model_id}' is still loading.", headers={"Retry-After": "2"}
-            )
+            raise ServiceUnavailable(f"The model '{model_id}' is still loading.", retry_after=2)
         if known:
             raise InvalidRequest(f"The model '{model_id}' {wrong_kind}.", param="model", code=code)
         raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")

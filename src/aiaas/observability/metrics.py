@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from operator import attrgetter
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import (
@@ -13,7 +15,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from aiaas.engines.llm.engine import EngineStats
+from aiaas.engines.llm.params import EngineStats
 from aiaas.scheduling.batcher import BATCH_SIZE_BUCKETS, BatcherStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -78,6 +80,12 @@ class Metrics:
             ["model", "org", "kind"],
             registry=self.registry,
         )
+        self.embedding_tokens = Counter(
+            "aiaas_embedding_tokens",
+            "Input tokens embedded, by model and organisation.",
+            ["model", "org", "kind"],
+            registry=self.registry,
+        )
 
         self.predictions = Counter(
             "aiaas_predictions",
@@ -106,86 +114,116 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+@dataclass(frozen=True)
+class _EngineFamily:
+    """One engine metric (labelled by model): its family, and what it reads from the stats."""
+
+    name: str
+    help: str
+    kind: type[GaugeMetricFamily] | type[CounterMetricFamily]
+    read: Callable[[EngineStats], float]
+
+
+_ENGINE_FAMILIES = (
+    _EngineFamily(
+        "aiaas_llm_slots", "Sequence slots of the engine.", GaugeMetricFamily, attrgetter("slots")
+    ),
+    _EngineFamily(
+        "aiaas_llm_slots_busy",
+        "Slots holding a request now.",
+        GaugeMetricFamily,
+        attrgetter("busy_slots"),
+    ),
+    _EngineFamily(
+        "aiaas_llm_queue_depth",
+        "Requests waiting for a slot.",
+        GaugeMetricFamily,
+        attrgetter("waiting"),
+    ),
+    _EngineFamily(
+        "aiaas_llm_kv_reserved_cells",
+        "KV cells reserved by running requests.",
+        GaugeMetricFamily,
+        attrgetter("reserved_cells"),
+    ),
+    _EngineFamily(
+        "aiaas_llm_decode_steps",
+        "llama_decode calls made by the engine.",
+        CounterMetricFamily,
+        attrgetter("steps"),
+    ),
+    _EngineFamily(
+        "aiaas_llm_generated_tokens",
+        "Tokens the engine has sampled.",
+        CounterMetricFamily,
+        attrgetter("generated_tokens"),
+    ),
+    _EngineFamily(
+        "aiaas_llm_headroom_admissions",
+        "Requests started in a slot kept free for an organisation with nothing running.",
+        CounterMetricFamily,
+        attrgetter("headroom_admissions"),
+    ),
+    _EngineFamily(
+        "aiaas_llm_preempted_steps",
+        "Decode steps cut short so that a request taking the headroom starts at once.",
+        CounterMetricFamily,
+        attrgetter("preemptions"),
+    ),
+    _EngineFamily(
+        "aiaas_llm_cached_prompt_tokens",
+        "Prompt tokens read from the prefix cache instead of decoded.",
+        CounterMetricFamily,
+        attrgetter("cached_prompt_tokens"),
+    ),
+    _EngineFamily(
+        "aiaas_llm_prefix_cache_entries",
+        "Finished sequences kept in the KV cache for prompts that start the same way.",
+        GaugeMetricFamily,
+        attrgetter("prefix_cache_entries"),
+    ),
+    _EngineFamily(
+        "aiaas_llm_prefix_cache_cells",
+        "KV cells the prefix cache holds.",
+        GaugeMetricFamily,
+        attrgetter("prefix_cache_cells"),
+    ),
+    _EngineFamily(
+        "aiaas_llm_draft_tokens",
+        "Guesses at a sequence's next tokens sent with its decode step (speculative decoding).",
+        CounterMetricFamily,
+        attrgetter("draft_tokens"),
+    ),
+    _EngineFamily(
+        "aiaas_llm_accepted_draft_tokens",
+        "Guesses that sampling confirmed: tokens gained without a step of their own.",
+        CounterMetricFamily,
+        attrgetter("accepted_draft_tokens"),
+    ),
+    _EngineFamily(
+        "aiaas_llm_onnx_head_steps",
+        "Decode steps whose output layer ONNX Runtime computed instead of llama.cpp.",
+        CounterMetricFamily,
+        attrgetter("onnx_head_steps"),
+    ),
+)
+
+
 class _EngineCollector(Collector):
+    """Every family in `_ENGINE_FAMILIES`, one sample per engine (labelled by its model)."""
+
     def __init__(self, source: Callable[[], Iterable[tuple[str, EngineStats]]]) -> None:
         self._source = source
 
     def collect(self) -> Iterator[Metric]:
-        slots = GaugeMetricFamily(
-            "aiaas_llm_slots", "Sequence slots of the engine.", labels=["model"]
-        )
-        busy = GaugeMetricFamily(
-            "aiaas_llm_slots_busy", "Slots holding a request now.", labels=["model"]
-        )
-        waiting = GaugeMetricFamily(
-            "aiaas_llm_queue_depth", "Requests waiting for a slot.", labels=["model"]
-        )
-        cells = GaugeMetricFamily(
-            "aiaas_llm_kv_reserved_cells",
-            "KV cells reserved by running requests.",
-            labels=["model"],
-        )
-        steps = CounterMetricFamily(
-            "aiaas_llm_decode_steps", "llama_decode calls made by the engine.", labels=["model"]
-        )
-        generated = CounterMetricFamily(
-            "aiaas_llm_generated_tokens", "Tokens the engine has sampled.", labels=["model"]
-        )
-        headroom = CounterMetricFamily(
-            "aiaas_llm_headroom_admissions",
-            "Requests started in a slot kept free for an organisation with nothing running.",
-            labels=["model"],
-        )
-        preempted = CounterMetricFamily(
-            "aiaas_llm_preempted_steps",
-            "Decode steps cut short so that a request taking the headroom starts at once.",
-            labels=["model"],
-        )
-        cached = CounterMetricFamily(
-            "aiaas_llm_cached_prompt_tokens",
-            "Prompt tokens read from the prefix cache instead of decoded.",
-            labels=["model"],
-        )
-        entries = GaugeMetricFamily(
-            "aiaas_llm_prefix_cache_entries",
-            "Finished sequences kept in the KV cache for prompts that start the same way.",
-            labels=["model"],
-        )
-        entry_cells = GaugeMetricFamily(
-            "aiaas_llm_prefix_cache_cells", "KV cells the prefix cache holds.", labels=["model"]
-        )
-        drafted = CounterMetricFamily(
-            "aiaas_llm_draft_tokens",
-            "Guesses at a sequence's next tokens sent with its decode step (speculative decoding).",
-            labels=["model"],
-        )
-        accepted = CounterMetricFamily(
-            "aiaas_llm_accepted_draft_tokens",
-            "Guesses that sampling confirmed: tokens gained without a step of their own.",
-            labels=["model"],
-        )
-        onnx_head = CounterMetricFamily(
-            "aiaas_llm_onnx_head_steps",
-            "Decode steps whose output layer ONNX Runtime computed instead of llama.cpp.",
-            labels=["model"],
-        )
+        families = [
+            (spec, spec.kind(spec.name, spec.help, labels=["model"])) for spec in _ENGINE_FAMILIES
+        ]
         for model, stats in self._source():
-            slots.add_metric([model], stats.slots)
-            busy.add_metric([model], stats.busy_slots)
-            waiting.add_metric([model], stats.waiting)
-            cells.add_metric([model], stats.reserved_cells)
-            steps.add_metric([model], stats.steps)
-            generated.add_metric([model], stats.generated_tokens)
-            headroom.add_metric([model], stats.headroom_admissions)
-            preempted.add_metric([model], stats.preemptions)
-            cached.add_metric([model], stats.cached_prompt_tokens)
-            entries.add_metric([model], stats.prefix_cache_entries)
-            entry_cells.add_metric([model], stats.prefix_cache_cells)
-            drafted.add_metric([model], stats.draft_tokens)
-            accepted.add_metric([model], stats.accepted_draft_tokens)
-            onnx_head.add_metric([model], stats.onnx_head_steps)
-        yield from (slots, busy, waiting, cells, steps, generated, headroom, preempted)
-        yield from (cached, entries, entry_cells, drafted, accepted, onnx_head)
+            for spec, family in families:
+                family.add_metric([model], spec.read(stats))
+        for _, family in families:
+            yield family
 
 
 class _PoolCollector(Collector):

@@ -9,10 +9,10 @@ from pydantic import BaseModel, Field, StringConstraints
 from aiaas.data.build import BuildOptions
 from aiaas.data.profile import ColumnProfile
 from aiaas.data.readers import DataFormat
-from aiaas.data.types import Task
 from aiaas.domain import Dataset, DatasetVersion
 from aiaas.protocol.platform import IdStr, Name, Request
-from aiaas.training.preprocess import FeatureStep, PreprocessingSpec, SplitSpec
+from aiaas.specs.preprocessing import FeatureStep, PreprocessingSpec, SplitSpec
+from aiaas.specs.types import Task
 
 ColumnName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
@@ -57,6 +57,11 @@ class DatasetVersionCreate(Request):
 class DatasetCreate(DatasetVersionCreate):
     name: Name
     description: str = Field(default="", max_length=4096)
+    residency: Literal["none", "strict"] = Field(
+        default="none",
+        description="strict: the rows never leave this node's region (no `read` grant to "
+        "another region, no job on a node of another region).",
+    )
 
 
 class PiiColumnReport(BaseModel):
@@ -122,12 +127,25 @@ class DatasetPublic(BaseModel):
     project_id: str
     created_at: int
     latest_version: int | None
+    region: str = Field(default="local", description="The region that holds its rows.")
+    residency: Literal["none", "strict"] = "none"
+    owned_by: str | None = Field(
+        default=None,
+        description="Another organisation's dataset shared with the caller for reading: the "
+        "owner organisation's name. None for the caller's own.",
+    )
     version: DatasetVersionPublic | None = Field(
         default=None, description="On create: the first version."
     )
 
     @classmethod
-    def from_domain(cls, dataset: Dataset, version: DatasetVersion | None = None) -> DatasetPublic:
+    def from_domain(
+        cls,
+        dataset: Dataset,
+        version: DatasetVersion | None = None,
+        *,
+        owned_by: str | None = None,
+    ) -> DatasetPublic:
         return cls(
             id=dataset.id,
             name=dataset.name,
@@ -135,6 +153,9 @@ class DatasetPublic(BaseModel):
             project_id=dataset.project_id,
             created_at=int(dataset.created_at),
             latest_version=dataset.latest_version,
+            region=dataset.region,
+            residency="strict" if dataset.strict else "none",
+            owned_by=owned_by,
             version=DatasetVersionPublic.from_domain(version) if version is not None else None,
         )
 

@@ -6,9 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
-from aiaas.domain import Deployment, ModelAlias, Target
+from aiaas.domain import Deployment, DeploymentSpec, ModelAlias, Target
 from aiaas.protocol.platform import ModelRef, Request
-from aiaas.services.deployments import DeploymentSpec
 
 AliasName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")]
 ModelId = ModelRef

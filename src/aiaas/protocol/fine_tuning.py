@@ -11,12 +11,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
-from aiaas.data.types import Task
 from aiaas.domain import Job, JobCheckpoint, JobEvent
 from aiaas.protocol.platform import IdStr, ModelRef, Request
-from aiaas.services.jobs import JobRequest
-from aiaas.training.plan import HyperparameterChoices
-from aiaas.training.shapes import ARCHITECTURES, ArchitectureOptions
+from aiaas.specs.hyperparameters import HyperparameterChoices
+from aiaas.specs.jobs import JobRequest
+from aiaas.specs.shapes import ARCHITECTURES, ArchitectureOptions
+from aiaas.specs.types import Task
 
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]

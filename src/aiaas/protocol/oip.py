@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Mapping
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -86,6 +87,27 @@ class InferenceRequest(Request):
     parameters: dict[str, Any] | None = None
     inputs: list[RequestInput] = Field(min_length=1, max_length=16)
     outputs: list[RequestOutput] | None = Field(default=None, max_length=16)
+
+    def tensors(self, inputs: Mapping[str, str], outputs: Collection[str]) -> dict[str, np.ndarray]:
+        """The inputs as numpy, checked against a model that takes `inputs` (name -> datatype)
+        and gives `outputs`: each input known and given once, each asked-for output known."""
+        arrays: dict[str, np.ndarray] = {}
+        for tensor in self.inputs:
+            if tensor.name not in inputs:
+                raise InvalidRequest(
+                    f"unknown input {tensor.name!r}; the model takes {sorted(inputs)}",
+                    param=tensor.name,
+                )
+            if tensor.name in arrays:
+                raise InvalidRequest(f"input {tensor.name!r} is given twice", param=tensor.name)
+            arrays[tensor.name] = tensor.array(inputs[tensor.name])
+        for wanted in self.outputs or []:
+            if wanted.name not in outputs:
+                raise InvalidRequest(
+                    f"unknown output {wanted.name!r}; the model gives {sorted(outputs)}",
+                    param="outputs",
+                )
+        return arrays
 
 
 class ResponseOutput(BaseModel):

@@ -1,7 +1,8 @@
 """Schemas of the OpenAI-compatible API, field for field as OpenAI documents them.
 
-A request turns itself into engine input (`sampling()`), so routers never pick fields apart.
-Requests forbid unknown fields: a typo in a parameter is a 400 naming it, never a silent no-op.
+Only the wire schema and the checks that need no engine live here; the inference service turns a
+request into engine input (sampling parameters, a compiled grammar). Requests forbid unknown
+fields: a typo in a parameter is a 400 naming it, never a silent no-op.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pydantic import (
     field_validator,
 )
 
-from aiaas.engines.llm.params import SamplingParams
 from aiaas.errors import InvalidRequest
 from aiaas.ids import unique_hex
 
@@ -68,6 +68,16 @@ class ResponseFormat(Request):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
+    def enforced_schema(self) -> dict[str, Any]:
+        """The JSON schema a `json_schema` format asks the output to follow."""
+        spec = self.json_schema
+        if spec is None or spec.schema_ is None:
+            raise InvalidRequest(
+                "response_format json_schema needs json_schema.schema.",
+                param="response_format.json_schema",
+            )
+        return spec.schema_
+
 
 class SamplingRequest(Request):
     """The sampling knobs chat and completions share, with OpenAI's bounds."""
@@ -113,41 +123,6 @@ class SamplingRequest(Request):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def base_sampling(
-        self, *, max_tokens: int | None, logprobs: int | None, grammar: str | None
-    ) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0,
-            seed=self.seed,
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0,
-            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
-            stop=tuple(self.stop_list()),
-            logprobs=logprobs,
-            grammar=grammar,
-        )
-
-
-def _grammar_for(response_format: ResponseFormat | None) -> str | None:
-    from aiaas.engines.llm.grammar import grammar_for_json_schema, json_object_grammar
-
-    if response_format is None or response_format.type == "text":
-        return None
-    if response_format.type == "json_object":
-        return json_object_grammar()
-    spec = response_format.json_schema
-    if spec is None or spec.schema_ is None:
-        raise InvalidRequest(
-            "response_format json_schema needs json_schema.schema.",
-            param="response_format.json_schema",
-        )
-    return grammar_for_json_schema(spec.schema_)
-
 
 # -- chat ------------------------------------------------------------------------------------
 
@@ -182,14 +157,15 @@ class ChatCompletionRequest(SamplingRequest):
     store: bool | None = None
     parallel_tool_calls: bool | None = None
 
-    def sampling(self) -> SamplingParams:
+    def completion_limit(self) -> int | None:
+        """The most tokens to generate: `max_completion_tokens`, or the older `max_tokens`."""
+        return self.max_completion_tokens or self.max_tokens
+
+    def top_logprobs_count(self) -> int | None:
+        """How many alternatives each token's logprobs lists; None: no logprobs."""
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs=true.", param="top_logprobs")
-        max_tokens = self.max_completion_tokens or self.max_tokens
-        logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.base_sampling(
-            max_tokens=max_tokens, logprobs=logprobs, grammar=_grammar_for(self.response_format)
-        )
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def chat_messages(self) -> list[dict[str, str]]:
         """Messages as chat templates expect them: role and plain-text content."""
@@ -233,14 +209,9 @@ class CompletionRequest(SamplingRequest):
             return [[int(p) for p in self.prompt]]
         return [str(p) for p in self.prompt]
 
-    def sampling(self) -> SamplingParams:
+    def check_supported(self) -> None:
         if self.suffix:
             raise InvalidRequest("suffix (fill-in-the-middle) is not supported.", param="suffix")
-        return self.base_sampling(
-            max_tokens=self.max_tokens,
-            logprobs=self.logprobs,
-            grammar=_grammar_for(self.response_format),
-        )
 
 
 # -- responses -------------------------------------------------------------------------------

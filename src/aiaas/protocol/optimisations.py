@@ -6,9 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from aiaas.domain import Job
+from aiaas.domain import Job, OptimisationRequest
 from aiaas.protocol.platform import ModelRef, Request
-from aiaas.services.optimisations import OptimisationRequest
 
 
 class DynamicInt8(Request):

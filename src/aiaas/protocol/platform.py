@@ -112,8 +112,15 @@ class QuotasBody(BaseModel):
         return Quotas(**self.model_dump())
 
 
+# A region label: lower-case letters, digits and dashes (AIAAS_REGION's form).
+Region = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")]
+
+
 class OrganizationCreate(Request):
     name: Name
+    region: Region | None = Field(
+        default=None, description="Where the organisation is; default: this node's region."
+    )
 
 
 class OrganizationUpdate(Request):
@@ -146,6 +153,7 @@ class OrganizationPublic(BaseModel):
     weight: float = 1.0
     rate_limits: RateLimitsBody = Field(default_factory=RateLimitsBody)
     quotas: QuotasBody = Field(default_factory=QuotasBody)
+    region: str = "local"
 
     @classmethod
     def from_domain(cls, org: Organization) -> OrganizationPublic:
@@ -157,6 +165,7 @@ class OrganizationPublic(BaseModel):
             weight=org.weight,
             rate_limits=RateLimitsBody.from_domain(org.rate_limits),
             quotas=QuotasBody.from_domain(org.quotas),
+            region=org.region,
         )
 
 

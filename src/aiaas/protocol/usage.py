@@ -8,7 +8,9 @@ from pydantic import BaseModel
 
 from aiaas.domain import UsageBucket, UsagePage
 
-GroupBy = Literal["model", "project_id", "api_key_id", "endpoint"]
+# `grant_id` and `organization_id` (the caller billed) matter most with `shared=true`: the
+# owner's view of what its grants are used for, per grant and per grantee.
+GroupBy = Literal["model", "project_id", "api_key_id", "endpoint", "grant_id", "organization_id"]
 
 
 class UsageResult(BaseModel):
@@ -23,6 +25,8 @@ class UsageResult(BaseModel):
     project_id: str | None = None
     api_key_id: str | None = None
     endpoint: str | None = None
+    grant_id: str | None = None
+    organization_id: str | None = None
 
 
 class UsageBucketPublic(BaseModel):

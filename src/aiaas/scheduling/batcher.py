@@ -211,7 +211,7 @@ class DynamicBatcher(Generic[In, Out]):
                 raise RateLimited(
                     f"{self.name} has {self._waiting_items} items waiting "
                     f"(limit {self.config.max_queued_items}); try again soon.",
-                    headers={"Retry-After": str(self.config.retry_after_s)},
+                    retry_after=self.config.retry_after_s,
                 )
             ticket = Ticket(item=request, tenant=tenant, weight=weight, cost=float(sum(sizes)))
             self._policy.push(ticket)

@@ -16,8 +16,8 @@ from aiaas.edge.bundle import BundleSource, bundle_stem, write_bundle
 from aiaas.engines.embeddings.export import minilm_l6_v2_dir
 from aiaas.errors import InvalidRequest
 from aiaas.services.registry import RegistryService
-from aiaas.training.plan import TOKENIZER_REF
-from aiaas.training.preprocess import PreprocessingSpec, TextStep
+from aiaas.specs.preprocessing import PreprocessingSpec, TextStep
+from aiaas.specs.shapes import TOKENIZER_REF
 
 __all__ = ["Bundle", "BundleService"]
 
@@ -35,8 +35,9 @@ class BundleService:
         self._temp_dir = temp_dir
 
     def build(self, *, org_id: str, model_id: str, version: int) -> Bundle:
-        """The bundle of one of `org_id`'s versions (NotFound for anyone else's)."""
-        found = self._registry.get_version(org_id=org_id, model_id=model_id, version=version)
+        """The bundle of a version `org_id` owns or holds a `read` grant on (NotFound for any
+        other)."""
+        found = self._registry.read_version(org_id=org_id, model_id=model_id, version=version)
         if "model.onnx" not in found.artifacts:
             raise InvalidRequest(
                 f"Version {version} of '{model_id}' has no ONNX graph to bundle.", param="model"

@@ -25,12 +25,21 @@ from aiaas.data.build import (
     page_rows,
     read_version,
 )
-from aiaas.domain import Actor, Dataset, DatasetVersion, Page
+from aiaas.domain import (
+    Actor,
+    Dataset,
+    DatasetVersion,
+    Grant,
+    GrantPermission,
+    Page,
+    SharedKind,
+)
 from aiaas.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from aiaas.ids import new_id, now
 from aiaas.privacy.pii import PiiDetector
 from aiaas.services.audit import AuditService
 from aiaas.services.files import FileService
+from aiaas.services.grants import GrantService
 from aiaas.storage.blobs import EncryptedBlobStore
 from aiaas.storage.db import Database
 from aiaas.storage.repos import datasets as repo
@@ -50,6 +59,16 @@ class Workspace:
     actor: Actor
 
 
+@dataclass(frozen=True, slots=True)
+class Shown:
+    """A dataset as one organisation sees it: its own (`owned_by` None), or another's shared
+    with it by a `read` grant (`owned_by`: the owner organisation's name; `latest_version`: the
+    newest version the grants reach)."""
+
+    dataset: Dataset
+    owned_by: str | None = None
+
+
 class DatasetService:
     def __init__(
         self,
@@ -59,12 +78,16 @@ class DatasetService:
         audit: AuditService,
         *,
         max_source_bytes: int,
+        grants: GrantService | None = None,
         abandon_after_s: float = 3600.0,
+        region: str = "local",
     ) -> None:
+        self._region = region  # this node's: new datasets' rows live here
         self._db = db
         self._blobs = blobs
         self._files = files
         self._audit = audit
+        self._grants = grants  # None: no dataset is ever shared for reading
         self._max_source_bytes = max_source_bytes
         self._abandon_after_s = abandon_after_s
         self._detector: PiiDetector | None = None
@@ -81,10 +104,16 @@ class DatasetService:
         file_ids: list[str],
         options: BuildOptions,
         redact_pii: bool | None,
+        residency: str = "none",
     ) -> tuple[Dataset, DatasetVersion]:
         dataset_id = new_id("ds")
         version = self._new_version(
-            ws, dataset_id, file_ids, options, redact_pii, new_dataset=(name, description)
+            ws,
+            dataset_id,
+            file_ids,
+            options,
+            redact_pii,
+            new_dataset=(name, description, residency),
         )
         return self.get(org_id=ws.org_id, dataset_id=dataset_id), version
 
@@ -107,15 +136,16 @@ class DatasetService:
         options: BuildOptions,
         redact_pii: bool | None,
         *,
-        new_dataset: tuple[str, str] | None,
+        new_dataset: tuple[str, str, str] | None,
     ) -> DatasetVersion:
-        """Reserve (with the dataset itself when `new_dataset` gives its name and description),
-        make, and on any failure discard what was reserved."""
+        """Reserve (with the dataset itself when `new_dataset` gives its name, description and
+        residency; its region is this node's), make, and on any failure discard what was
+        reserved."""
         version_id = new_id("dsv")
         blob_key = f"datasets/{ws.org_id}/{version_id}"
         with self._db.write() as conn:
             if new_dataset is not None:
-                name, description = new_dataset
+                name, description, residency = new_dataset
                 repo.reserve_dataset(
                     conn,
                     dataset_id=dataset_id,
@@ -124,6 +154,8 @@ class DatasetService:
                     name=name,
                     description=description,
                     created_by=ws.actor.id,
+                    region=self._region,
+                    residency=residency,
                 )
             elif repo.get_dataset(conn, org_id=ws.org_id, dataset_id=dataset_id) is None:
                 raise _no_dataset(dataset_id)
@@ -226,20 +258,59 @@ class DatasetService:
 
     # -- read ------------------------------------------------------------------------------------
 
+    # Reads answer the owner, and an organisation that an active `read` grant reaches (on the
+    # dataset, or on the version asked for); `use` and `train-on` show nothing. Anyone else gets
+    # the same 404 as for a dataset that does not exist. Writes stay the owner's.
+
     def get(self, *, org_id: str, dataset_id: str) -> Dataset:
+        """One of `org_id`'s own datasets."""
         with self._db.read() as conn:
             dataset = repo.get_dataset(conn, org_id=org_id, dataset_id=dataset_id)
         if dataset is None:
             raise _no_dataset(dataset_id)
         return dataset
 
-    def list(self, *, org_id: str, after: str | None, limit: int) -> Page[Dataset]:
+    def show(self, *, org_id: str, dataset_id: str) -> Shown:
+        """A dataset `org_id` owns or may read (a grant on any one version is enough)."""
+        reach = self._readable(org_id, dataset_id)
+        if reach is None:
+            raise _no_dataset(dataset_id)
+        owner, grants = reach
         with self._db.read() as conn:
-            return repo.list_datasets(conn, org_id=org_id, after=after, limit=limit)
+            dataset = repo.get_dataset(conn, org_id=owner, dataset_id=dataset_id)
+            if dataset is None:
+                raise _no_dataset(dataset_id)
+            return self._shown(conn, dataset, grants)
+
+    def list(self, *, org_id: str, after: str | None, limit: int) -> Page[Shown]:
+        """`org_id`'s own datasets, then those shared with it for reading (in grant order)."""
+        with self._db.read() as conn:
+            own_cursor = (
+                after is None or repo.get_dataset(conn, org_id=org_id, dataset_id=after) is not None
+            )
+            items: list[Shown] = []
+            if own_cursor:
+                page = repo.list_datasets(conn, org_id=org_id, after=after, limit=limit)
+                if page.has_more:
+                    return Page(items=[Shown(d) for d in page.items], has_more=True)
+                items = [Shown(d) for d in page.items]
+            shared = self._shared(conn, org_id)
+        if not own_cursor:
+            ids = [s.dataset.id for s in shared]
+            if after not in ids:
+                raise InvalidRequest(f"no object with id {after!r} to page after", param="after")
+            shared = shared[ids.index(after) + 1 :]
+        room = limit - len(items)
+        return Page(items=items + shared[:room], has_more=len(shared) > room)
 
     def get_version(self, *, org_id: str, dataset_id: str, version: int) -> DatasetVersion:
+        """A version `org_id` owns or may read."""
+        reach = self._readable(org_id, dataset_id, version)
+        if reach is None:
+            raise _no_version(dataset_id, version)
+        owner, _ = reach
         with self._db.read() as conn:
-            found = repo.get_version(conn, org_id=org_id, dataset_id=dataset_id, version=version)
+            found = repo.get_version(conn, org_id=owner, dataset_id=dataset_id, version=version)
         if found is None:
             raise _no_version(dataset_id, version)
         return found
@@ -247,11 +318,81 @@ class DatasetService:
     def list_versions(
         self, *, org_id: str, dataset_id: str, after: str | None, limit: int
     ) -> Page[DatasetVersion]:
-        self.get(org_id=org_id, dataset_id=dataset_id)
+        """The versions `org_id` may read: all of its own, those a grant reaches of another's."""
+        reach = self._readable(org_id, dataset_id)
+        if reach is None:
+            raise _no_dataset(dataset_id)
+        owner, grants = reach
         with self._db.read() as conn:
-            return repo.list_versions(
-                conn, org_id=org_id, dataset_id=dataset_id, after=after, limit=limit
-            )
+            if repo.get_dataset(conn, org_id=owner, dataset_id=dataset_id) is None:
+                raise _no_dataset(dataset_id)
+            if _every_version(grants):
+                return repo.list_versions(
+                    conn, org_id=owner, dataset_id=dataset_id, after=after, limit=limit
+                )
+            versions = _granted_versions(conn, owner, dataset_id, grants)
+        return _page_of(versions, after=after, limit=limit)
+
+    def _readable(
+        self, org_id: str, dataset_id: str, version: int | None = None
+    ) -> tuple[str, list[Grant]] | None:
+        """Whose dataset `org_id` reads and through which grants: `(org_id, [])` for its own;
+        `(owner, grants)` where active `read` grants reach it (the version, or any version when
+        `version` is None); None for anyone else."""
+        with self._db.read() as conn:
+            if repo.get_dataset(conn, org_id=org_id, dataset_id=dataset_id) is not None:
+                return org_id, []
+        if self._grants is None:
+            return None
+        grant = self._grants.access(
+            org_id=org_id,
+            kind=SharedKind.DATASET,
+            object_id=dataset_id,
+            needed=GrantPermission.READ,
+            version=version,
+        )
+        if grant is not None:
+            grants = [grant]
+        elif version is None:  # the dataset as a whole: a grant on one of its versions shows it
+            grants = [
+                g
+                for g in self._grants.reaching(
+                    org_id=org_id, kind=SharedKind.DATASET, needed=GrantPermission.READ
+                )
+                if g.object_id == dataset_id
+            ]
+        else:
+            grants = []
+        if not grants or grants[0].org_id == org_id:
+            return None
+        return grants[0].org_id, grants
+
+    def _shared(self, conn: Connection, org_id: str) -> list[Shown]:
+        """Other organisations' datasets that `read` grants reach `org_id` with."""
+        if self._grants is None:
+            return []
+        by_dataset: dict[str, list[Grant]] = {}
+        for grant in self._grants.reaching(
+            org_id=org_id, kind=SharedKind.DATASET, needed=GrantPermission.READ
+        ):
+            if grant.org_id != org_id:
+                by_dataset.setdefault(grant.object_id, []).append(grant)
+        shown = []
+        for dataset_id, grants in by_dataset.items():
+            dataset = repo.get_dataset(conn, org_id=grants[0].org_id, dataset_id=dataset_id)
+            if dataset is not None:
+                shown.append(self._shown(conn, dataset, grants))
+        return shown
+
+    def _shown(self, conn: Connection, dataset: Dataset, grants: list[Grant]) -> Shown:
+        if not grants:
+            return Shown(dataset)
+        owner = tenancy_repo.get_org(conn, dataset.org_id)
+        if not _every_version(grants):
+            versions = _granted_versions(conn, dataset.org_id, dataset.id, grants)
+            latest = versions[-1].version if versions else None
+            dataset = replace(dataset, latest_version=latest)
+        return Shown(dataset, owned_by=owner.name if owner else dataset.org_id)
 
     def content(self, version: DatasetVersion) -> Iterator[bytes]:
         """The version's stored Parquet bytes (split column included), as a stream."""
@@ -351,6 +492,34 @@ def _refuse_if_used(conn: Connection, version_ids: list[str], *, what: str) -> N
             "were trained on it. Delete those models (or cancel the jobs) first.",
             code="dataset_in_use",
         )
+
+
+def _every_version(grants: list[Grant]) -> bool:
+    """Own (no grants), or a grant on the dataset as a whole."""
+    return not grants or any(g.version is None for g in grants)
+
+
+def _granted_versions(
+    conn: Connection, owner: str, dataset_id: str, grants: list[Grant]
+) -> list[DatasetVersion]:
+    """The ready versions that version grants name, oldest first."""
+    numbers = sorted({g.version for g in grants if g.version is not None})
+    found = [
+        repo.get_version(conn, org_id=owner, dataset_id=dataset_id, version=n) for n in numbers
+    ]
+    return [v for v in found if v is not None]
+
+
+def _page_of(
+    versions: list[DatasetVersion], *, after: str | None, limit: int
+) -> Page[DatasetVersion]:
+    """A page of an in-memory list, with the same cursor rules as the repositories'."""
+    if after is not None:
+        ids = [v.id for v in versions]
+        if after not in ids:
+            raise InvalidRequest(f"no object with id {after!r} to page after", param="after")
+        versions = versions[ids.index(after) + 1 :]
+    return Page(items=versions[:limit], has_more=len(versions) > limit)
 
 
 def _no_dataset(dataset_id: str) -> NotFound:

@@ -15,22 +15,25 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
-from aiaas.domain import Actor, Deployment, ModelVersion, Page, Target
+from aiaas.domain import (
+    Actor,
+    Deployment,
+    DeploymentSpec,
+    Grant,
+    GrantPermission,
+    ModelVersion,
+    Page,
+    SharedKind,
+    Target,
+)
 from aiaas.errors import InvalidRequest, NotFound
 from aiaas.ids import new_id
 from aiaas.services.audit import AuditService
+from aiaas.services.grants import GrantService
 from aiaas.services.registry import RegistryService
 from aiaas.storage.db import Database
 from aiaas.storage.repos import deployments as repo
 from aiaas.storage.repos import registry as registry_repo
-
-
-@dataclass(frozen=True, slots=True)
-class DeploymentSpec:
-    model_id: str
-    target: Target
-    canary: Target | None = None
-    canary_percent: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +54,11 @@ class Routed:
     deployment: Deployment
     version: ModelVersion
     canary: bool
+    grant: Grant | None = None  # set when the caller uses another organisation's deployment
+
+    @property
+    def owner_org_id(self) -> str:
+        return self.deployment.org_id
 
 
 class DeploymentService:
@@ -59,6 +67,7 @@ class DeploymentService:
         db: Database,
         registry: RegistryService,
         audit: AuditService,
+        grants: GrantService,
         *,
         rng: random.Random | None = None,
         cache_s: float = 0.0,
@@ -66,6 +75,7 @@ class DeploymentService:
         self._db = db
         self._registry = registry
         self._audit = audit
+        self._grants = grants
         self._rng = rng or random.Random()  # noqa: S311 - traffic split, not a secret
         # (org, name) -> what a request to it resolves to, for `cache_s` seconds: resolving took
         # four queries per request. Any change made through this process clears it at once.
@@ -162,48 +172,96 @@ class DeploymentService:
         that version of the deployed model (Open Inference Protocol's `/versions/{v}`). Without
         `split` the canary never answers: metadata describes the deployment's own target."""
         if version is None:
-            return self._pick(self._resolved(org_id, name), split=split)
-        deployment = self._named(org_id, name)
+            return self._pick(*self._resolved(org_id, name), split=split)
+        deployment, grant = self._named(org_id, name)
         pinned = self._registry.resolve(
-            org_id=org_id, model_id=deployment.model_id, target=Target(version=version)
+            org_id=deployment.org_id, model_id=deployment.model_id, target=Target(version=version)
         )
-        return Routed(deployment, pinned, canary=False)
+        return Routed(deployment, pinned, canary=False, grant=grant)
 
-    def _pick(self, resolved: _Resolved, *, split: bool) -> Routed:
+    def _pick(self, resolved: _Resolved, grant: Grant | None, *, split: bool) -> Routed:
         canary = resolved.canary
         if (
             split
             and canary is not None
             and self._rng.random() * 100.0 < resolved.deployment.canary_percent
         ):
-            return Routed(resolved.deployment, canary, canary=True)
-        return Routed(resolved.deployment, resolved.target, canary=False)
+            return Routed(resolved.deployment, canary, canary=True, grant=grant)
+        return Routed(resolved.deployment, resolved.target, canary=False, grant=grant)
 
-    def _named(self, org_id: str, name: str) -> Deployment:
+    def _named(self, org_id: str, name: str) -> tuple[Deployment, Grant | None]:
+        """The caller's own deployment `name`, or `<owner org name>/<name>`, another
+        organisation's deployment it holds a `use` grant on (and that grant)."""
         deployment = self.find(org_id=org_id, name=name)
-        if deployment is None:
+        if deployment is not None:
+            return deployment, None
+        shared = self._shared(org_id, name)
+        if shared is None:
             raise NotFound(
                 f"No deployed model named '{name}'. Deploy one with POST /v1/deployments.",
                 param="model",
                 code="model_not_found",
             )
-        return deployment
+        return shared
 
-    def _resolved(self, org_id: str, name: str) -> _Resolved:
+    def _shared(self, org_id: str, name: str) -> tuple[Deployment, Grant] | None:
+        owner_name, _, own_name = name.rpartition("/")
+        if not owner_name:
+            return None
+        owner = self._grants.org_named(owner_name)
+        if owner is None or owner.id == org_id:
+            return None
+        deployment = self.find(org_id=owner.id, name=own_name)
+        if deployment is None:
+            return None
+        grant = self._grant(org_id, deployment)
+        return (deployment, grant) if grant is not None else None
+
+    def _grant(self, org_id: str, deployment: Deployment) -> Grant | None:
+        return self._grants.access(
+            org_id=org_id,
+            kind=SharedKind.DEPLOYMENT,
+            object_id=deployment.id,
+            needed=GrantPermission.USE,
+        )
+
+    def _granted(self, org_id: str, resolved: _Resolved) -> tuple[bool, Grant | None]:
+        """Whether a cached route still answers `org_id`, and the grant it answers through
+        now: checked on every request (the grant service's own cache bounds how long a revoke
+        takes), so a revoked grant stops a loaded, routed deployment too."""
+        if resolved.deployment.org_id == org_id:
+            return True, None
+        grant = self._grant(org_id, resolved.deployment)
+        return grant is not None, grant
+
+    def shared_with(self, org_id: str) -> list[tuple[Deployment, str, Grant]]:
+        """Other organisations' deployments `org_id` may use: (deployment, owner name, grant)."""
+        found: list[tuple[Deployment, str, Grant]] = []
+        for grant in self._grants.reaching(
+            org_id=org_id, kind=SharedKind.DEPLOYMENT, needed=GrantPermission.USE
+        ):
+            with self._db.read() as conn:
+                deployment = repo.get(conn, org_id=grant.org_id, deployment_id=grant.object_id)
+            owner = self._grants.owner(grant.org_id)
+            if deployment is not None and owner is not None:
+                found.append((deployment, owner.name, grant))
+        return found
+
+    def _resolved(self, org_id: str, name: str) -> tuple[_Resolved, Grant | None]:
         key = (org_id, name)
         cached = self._routes.get(key)
         if cached is not None and time.monotonic() < cached.valid_until:
-            return cached
-        deployment = self._named(org_id, name)
-        model_id = deployment.model_id
+            allowed, grant = self._granted(org_id, cached)
+            if allowed:
+                return cached, grant
+        deployment, grant = self._named(org_id, name)
+        model_id, owner = deployment.model_id, deployment.org_id
         resolved = _Resolved(
             deployment=deployment,
             target=self._registry.resolve(
-                org_id=org_id, model_id=model_id, target=deployment.target
+                org_id=owner, model_id=model_id, target=deployment.target
             ),
-            canary=self._registry.resolve(
-                org_id=org_id, model_id=model_id, target=deployment.canary
-            )
+            canary=self._registry.resolve(org_id=owner, model_id=model_id, target=deployment.canary)
             if deployment.canary is not None
             else None,
             valid_until=time.monotonic() + self._cache_s,
@@ -212,14 +270,17 @@ class DeploymentService:
             if len(self._routes) >= _ROUTE_LIMIT:
                 self._routes.clear()
             self._routes[key] = resolved
-        return resolved
+        return resolved, grant
 
     def cached_route(self, *, org_id: str, name: str) -> Routed | None:
         """`route` from memory only, when the deployment was resolved recently (else None)."""
         resolved = self._routes.get((org_id, name))
         if resolved is None or time.monotonic() >= resolved.valid_until:
             return None
-        return self._pick(resolved, split=True)
+        allowed, grant = self._granted(org_id, resolved)
+        if not allowed:
+            return None
+        return self._pick(resolved, grant, split=True)
 
     def forget_routes(self) -> None:
         self._routes.clear()
@@ -232,15 +293,16 @@ class DeploymentService:
         if version is None and canary is not None:
             versions.append(
                 self._registry.resolve(
-                    org_id=org_id, model_id=routed.deployment.model_id, target=canary
+                    org_id=routed.owner_org_id, model_id=routed.deployment.model_id, target=canary
                 )
             )
         return versions
 
-    def versions(self, *, org_id: str, deployment: Deployment) -> list[int]:
+    def versions(self, *, deployment: Deployment) -> list[int]:
+        """The versions of the model a deployment serves (its owner's, whoever asks)."""
         with self._db.read() as conn:
             page = registry_repo.list_versions(
-                conn, org_id=org_id, model_id=deployment.model_id, after=None, limit=1000
+                conn, org_id=deployment.org_id, model_id=deployment.model_id, after=None, limit=1000
             )
         return [v.version for v in page.items]
 

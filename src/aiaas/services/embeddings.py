@@ -8,7 +8,6 @@ import json
 from collections import OrderedDict
 
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 
 from aiaas.domain import ModelVersion, Principal
 from aiaas.engines.embeddings.encoder import InMemoryEncoder
@@ -129,14 +128,14 @@ class EmbeddingService:
         if _small(items):  # a few short texts tokenise faster than a hop to a thread
             ids = _token_ids(loaded, items)
         else:
-            ids = await run_in_threadpool(_token_ids, loaded, items)
+            ids = await asyncio.to_thread(_token_ids, loaded, items)
         org = principal.org_id or "platform"
         vectors = await loaded.batcher.submit(ids, tenant=org, weight=principal.weight)
         matrix = np.stack(vectors).astype(np.float32, copy=False)
         if request.dimensions is not None and request.dimensions < dimension:
             matrix = _truncate(matrix, request.dimensions)
         tokens = sum(len(i) for i in ids)
-        self._metrics.llm_tokens.labels(model=loaded.id, org=org, kind="prompt").inc(tokens)
+        self._metrics.embedding_tokens.labels(model=loaded.id, org=org, kind="prompt").inc(tokens)
         data = [
             Embedding(index=i, embedding=_encode(row, request.encoding_format))
             for i, row in enumerate(matrix)

@@ -1,7 +1,9 @@
 """LLM inference use cases: turn a chat or completion request into engine requests.
 
-Preparation (template rendering, tokenising, limit checks, sampler construction) is CPU work and
-runs in a worker thread; the event loop only awaits the events the engine thread hands over.
+A request's sampling parameters (and the grammar a `response_format` asks for) are built here
+from the wire request. Preparation (template rendering, tokenising, limit checks, sampler
+construction) is CPU work and runs in a worker thread; the event loop only awaits the events the
+engine thread hands over. `services/serving.py` turns those events into responses.
 """
 
 from __future__ import annotations
@@ -13,15 +15,20 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from starlette.concurrency import run_in_threadpool
-
 from aiaas.domain import Principal
 from aiaas.engines.llm.engine import GenerationRequest, LlmEngine
+from aiaas.engines.llm.grammar import grammar_for_json_schema, json_object_grammar
 from aiaas.engines.llm.params import Delta, Event, Failed, Final, SamplingParams
 from aiaas.engines.pool import LoadedLlm, ModelPool
 from aiaas.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, ServerError
 from aiaas.observability.metrics import Metrics
-from aiaas.protocol.openai import ChatCompletionRequest, CompletionRequest, Model
+from aiaas.protocol.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Model,
+    ResponseFormat,
+    SamplingRequest,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,26 +122,26 @@ class InferenceService:
                 param="model",
                 code="model_not_chat",
             )
-        params = request.sampling()
 
-        def prepare() -> PreparedPrompt:
+        def prepare() -> tuple[SamplingParams, PreparedPrompt]:
             assert loaded.template is not None
+            params = chat_sampling(request)  # a JSON schema's grammar is CPU work too
             text = loaded.template.render(request.chat_messages(), add_generation_prompt=True)
             info = loaded.model.info
             add_bos = info.add_bos and not (info.bos_text and text.startswith(info.bos_text))
-            return PreparedPrompt(loaded.model.tokenize(text, add_special=add_bos), text)
+            return params, PreparedPrompt(loaded.model.tokenize(text, add_special=add_bos), text)
 
-        prompt = await run_in_threadpool(prepare)
+        params, prompt = await asyncio.to_thread(prepare)
         return await self._start(principal, loaded, [prompt], params, request.n, "messages")
 
     async def complete(self, principal: Principal, request: CompletionRequest) -> Generations:
         loaded = self._pool.llm(request.model)
-        params = request.sampling()
 
-        def prepare() -> list[PreparedPrompt]:
-            return [self._completion_prompt(loaded, p) for p in request.prompts()]
+        def prepare() -> tuple[SamplingParams, list[PreparedPrompt]]:
+            params = completion_sampling(request)
+            return params, [self._completion_prompt(loaded, p) for p in request.prompts()]
 
-        prompts = await run_in_threadpool(prepare)
+        params, prompts = await asyncio.to_thread(prepare)
         return await self._start(principal, loaded, prompts, params, request.n, "prompt")
 
     @staticmethod
@@ -213,7 +220,7 @@ class InferenceService:
                     )
             return built
 
-        gens.requests = await run_in_threadpool(prepare)
+        gens.requests = await asyncio.to_thread(prepare)
         self._metrics.llm_tokens.labels(model=loaded.id, org=org, kind="prompt").inc(
             gens.prompt_tokens
         )
@@ -226,6 +233,55 @@ class InferenceService:
                 request.release()
             raise
         return gens
+
+
+def chat_sampling(request: ChatCompletionRequest) -> SamplingParams:
+    logprobs = request.top_logprobs_count()
+    return _sampling(
+        request,
+        max_tokens=request.completion_limit(),
+        logprobs=logprobs,
+        grammar=_grammar(request.response_format),
+    )
+
+
+def completion_sampling(request: CompletionRequest) -> SamplingParams:
+    request.check_supported()
+    return _sampling(
+        request,
+        max_tokens=request.max_tokens,
+        logprobs=request.logprobs,
+        grammar=_grammar(request.response_format),
+    )
+
+
+def _sampling(
+    request: SamplingRequest, *, max_tokens: int | None, logprobs: int | None, grammar: str | None
+) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=request.top_k or 0,
+        min_p=request.min_p or 0.0,
+        seed=request.seed,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        repetition_penalty=request.repetition_penalty or 1.0,
+        logit_bias={int(k): v for k, v in (request.logit_bias or {}).items()},
+        stop=tuple(request.stop_list()),
+        logprobs=logprobs,
+        grammar=grammar,
+    )
+
+
+def _grammar(response_format: ResponseFormat | None) -> str | None:
+    """The GBNF grammar that constrains the output to what `response_format` asks for."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return json_object_grammar()
+    return grammar_for_json_schema(response_format.enforced_schema())
 
 
 class Mailbox:

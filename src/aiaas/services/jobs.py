@@ -14,55 +14,42 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection
 
 from aiaas.data.profile import DatasetProfile
-from aiaas.data.types import Task
 from aiaas.domain import (
     Actor,
     DatasetVersion,
+    Grant,
+    GrantPermission,
     Job,
     JobCheckpoint,
     JobControl,
     JobEvent,
     JobStatus,
     Page,
+    SharedKind,
 )
 from aiaas.errors import InvalidRequest, NotFound
 from aiaas.ids import new_id
 from aiaas.services.audit import AuditService
+from aiaas.services.grants import GrantService
+from aiaas.specs.jobs import JobRequest
+from aiaas.specs.preprocessing import PreprocessingSpec
 from aiaas.storage.blobs import EncryptedBlobStore
 from aiaas.storage.db import Database
 from aiaas.storage.repos import datasets as datasets_repo
 from aiaas.storage.repos import jobs as repo
 from aiaas.storage.repos import registry as registry_repo
 from aiaas.storage.repos import tenancy as tenancy_repo
-from aiaas.training.plan import HyperparameterChoices, TrainingPlan, plan
-from aiaas.training.preprocess import PreprocessingSpec
-from aiaas.training.shapes import ArchitectureOptions
+from aiaas.training.plan import TrainingPlan, plan
 
 log = logging.getLogger("aiaas.jobs")
 
 TRAINING = "training"
 _SLUG = re.compile(r"[^a-z0-9]+")
-
-
-@dataclass(frozen=True, slots=True)
-class JobRequest:
-    """A create request, parsed (see protocol/fine_tuning.py)."""
-
-    model: str
-    training_file: str  # a dataset version id, or a dataset id (its latest version)
-    hyperparameters: HyperparameterChoices
-    architecture: ArchitectureOptions
-    task: Task | None
-    target_column: str | None
-    seed: int | None
-    suffix: str | None
-    metadata: dict[str, str] | None
-    register_to: str | None
 
 
 class JobService:
@@ -71,13 +58,17 @@ class JobService:
         db: Database,
         blobs: EncryptedBlobStore,
         audit: AuditService,
+        grants: GrantService,
         *,
         wake_runner: Callable[[], None] = lambda: None,
         settle_timeout_s: float = 10.0,
+        region: str = "local",
     ) -> None:
+        self._region = region  # where this node's (local) workers run
         self._db = db
         self._blobs = blobs
         self._audit = audit
+        self._grants = grants
         self._wake = [wake_runner]  # shared with `of_kind` copies
         self._settle_timeout_s = settle_timeout_s
         self.kind = TRAINING
@@ -103,7 +94,19 @@ class JobService:
     def create(self, *, org_id: str, project_id: str, actor: Actor, request: JobRequest) -> Job:
         job_id = new_id("ftjob", sep="-")
         with self._db.read() as conn:
-            version = self._training_version(conn, org_id, request.training_file)
+            version, grant = self._training_version(conn, org_id, request.training_file)
+            dataset = datasets_repo.get_dataset(
+                conn, org_id=version.org_id, dataset_id=version.dataset_id
+            )
+        if dataset is not None and dataset.strict and dataset.region != self._region:
+            raise self._grants.residency_refused(
+                dataset,
+                actor=actor,
+                by_org_id=org_id,
+                elsewhere=f"a job on a node of region '{self._region}'",
+                what="used by",
+            )
+        with self._db.read() as conn:
             org = tenancy_repo.get_org(conn, org_id)
             target_model = None
             if request.register_to is not None:
@@ -146,24 +149,24 @@ class JobService:
                 f"Dataset version {version.id} has {train_rows} training rows; at least 2 needed.",
                 param="training_file",
             )
-        seed = request.seed if request.seed is not None else int.from_bytes(job_id.encode()[-4:])
         with self._db.write() as conn:
-            job = repo.insert_job(
+            job = queue_job(
                 conn,
                 job_id=job_id,
                 org_id=org_id,
                 project_id=project_id,
+                actor=actor,
                 kind=TRAINING,
                 model=request.model,
                 dataset_version_id=version.id,
                 task=resolved.task.value,
                 target_column=resolved.target_column,
                 spec=resolved.model_dump(mode="json"),
-                seed=seed % 2**31,
+                seed=request.seed,
                 suffix=request.suffix,
                 metadata=request.metadata,
                 register_to=request.register_to,
-                created_by=actor.id,
+                grant_id=grant.id if grant else None,
             )
             repo.add_event(
                 conn,
@@ -182,12 +185,60 @@ class JobService:
                 target_id=job_id,
                 org_id=org_id,
                 project_id=project_id,
-                data={"model": request.model, "dataset_version_id": version.id},
+                data={
+                    "model": request.model,
+                    "dataset_version_id": version.id,
+                    **({"grant_id": grant.id, "owner_org_id": grant.org_id} if grant else {}),
+                },
             )
         self._wake_runner()
         return job
 
-    def _training_version(self, conn: Connection, org_id: str, ref: str) -> DatasetVersion:
+    def _training_version(
+        self, conn: Connection, org_id: str, ref: str
+    ) -> tuple[DatasetVersion, Grant | None]:
+        """The version to train on: the organisation's own, or another's that it holds a
+        `train-on` grant on (and that grant). Anything else is a 404, whoever owns it."""
+        own = self._own_version(conn, org_id, ref)
+        if own is not None:
+            return own, None
+        shared = self._granted_version(conn, org_id, ref)
+        if shared is None:
+            raise NotFound(f"No dataset version {ref!r}.", param="training_file")
+        return shared
+
+    def _granted_version(
+        self, conn: Connection, org_id: str, ref: str
+    ) -> tuple[DatasetVersion, Grant] | None:
+        if ref.startswith("dsv_"):
+            owned = datasets_repo.owner_of_version(conn, ref)
+            if owned is None or owned[0] == org_id:
+                return None
+            owner, dataset_id = owned
+            version = datasets_repo.get_version_by_id(conn, org_id=owner, version_id=ref)
+        else:
+            owner = datasets_repo.owner_of_dataset(conn, ref)
+            if owner is None or owner == org_id:
+                return None
+            dataset_id = ref
+            dataset = datasets_repo.get_dataset(conn, org_id=owner, dataset_id=ref)
+            version = None
+            if dataset is not None and dataset.latest_version is not None:
+                version = datasets_repo.get_version(
+                    conn, org_id=owner, dataset_id=ref, version=dataset.latest_version
+                )
+        if version is None:
+            return None
+        grant = self._grants.access(
+            org_id=org_id,
+            kind=SharedKind.DATASET,
+            object_id=dataset_id,
+            needed=GrantPermission.TRAIN_ON,
+            version=version.version,
+        )
+        return (version, grant) if grant is not None else None
+
+    def _own_version(self, conn: Connection, org_id: str, ref: str) -> DatasetVersion | None:
         if ref.startswith("dsv_"):
             found = datasets_repo.get_version_by_id(conn, org_id=org_id, version_id=ref)
         elif ref.startswith("ds_"):
@@ -204,8 +255,6 @@ class JobService:
                 "POST /v1/datasets.",
                 param="training_file",
             )
-        if found is None:
-            raise NotFound(f"No dataset version {ref!r}.", param="training_file")
         return found
 
     # -- read ------------------------------------------------------------------------------------
@@ -351,6 +400,53 @@ class JobService:
         if doomed:
             log.info("removed %d checkpoint blobs no job needs", len(doomed))
         return len(doomed)
+
+
+def job_seed(requested: int | None, job_id: str) -> int:
+    """A job's seed: the one asked for, or one drawn from the job's id; within 31 bits."""
+    seed = requested if requested is not None else int.from_bytes(job_id.encode()[-4:])
+    return seed % 2**31
+
+
+def queue_job(
+    conn: Connection,
+    *,
+    job_id: str,
+    org_id: str,
+    project_id: str,
+    actor: Actor,
+    kind: str,
+    model: str,
+    dataset_version_id: str,
+    task: str,
+    target_column: str,
+    spec: dict[str, Any],
+    seed: int | None,
+    suffix: str | None = None,
+    metadata: dict[str, str] | None = None,
+    register_to: str | None = None,
+    grant_id: str | None = None,
+) -> Job:
+    """Insert a job of any kind into the durable queue, with its seed (see `job_seed`); the
+    caller wakes the runner once the transaction has committed."""
+    return repo.insert_job(
+        conn,
+        job_id=job_id,
+        org_id=org_id,
+        project_id=project_id,
+        kind=kind,
+        model=model,
+        dataset_version_id=dataset_version_id,
+        task=task,
+        target_column=target_column,
+        spec=spec,
+        seed=job_seed(seed, job_id),
+        suffix=suffix,
+        metadata=metadata,
+        register_to=register_to,
+        created_by=actor.id,
+        grant_id=grant_id,
+    )
 
 
 def fine_tuned_name(base: str, org_name: str, suffix: str | None, job_id: str) -> str:

@@ -60,7 +60,10 @@ class RateLimiter:
         """Count a new request against every level with caps, or raise 429 without counting it.
 
         None when no level has caps (the common case costs nothing)."""
-        levels = principal.limits
+        return await self.admit_levels(principal.limits)
+
+    async def admit_levels(self, levels: tuple[LimitLevel, ...]) -> Admission | None:
+        """`admit` for any levels: an org, project or key's, or a grant's own cap."""
         if not levels:
             return None
         now = time.time()
@@ -146,13 +149,13 @@ def _refused(level: LimitLevel, what: str, cap: int, wait_s: float, kind: str) -
     error = RateLimited(
         f"Rate limit reached for {_LEVEL_NAMES[level.level]} {level.id} on {what}: "
         f"Limit {cap}. Please try again in {duration(wait_s)}.",
-        headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+        retry_after=wait_s,
     )
     error.type = kind
     return error
 
 
-_LEVEL_NAMES = {"org": "organization", "project": "project", "key": "API key"}
+_LEVEL_NAMES = {"org": "organization", "project": "project", "key": "API key", "grant": "grant"}
 
 
 def duration(seconds: float) -> str:

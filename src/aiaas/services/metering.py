@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from aiaas.domain import Principal, UsageRow
+from aiaas.domain import Grant, LimitLevel, Principal, RateLimits, UsageRow
 from aiaas.errors import InsufficientQuota, RateLimited, ServiceUnavailable
 from aiaas.observability.metrics import Metrics
 from aiaas.services.limits import Admission, RateLimiter
@@ -33,6 +33,11 @@ class MeteredCall:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     items: int = 0
+    # Set when the call uses another organisation's object: the grant it goes through (billed
+    # to the caller all the same; the owner sees it in its shared usage and, aggregated per
+    # minute, in its audit log), and the admission of the grant's own cap.
+    grant: Grant | None = None
+    grant_admission: Admission | None = None
 
     @property
     def org_id(self) -> str:
@@ -71,9 +76,29 @@ class Metering:
             log.exception("rate limiter unavailable")
             raise ServiceUnavailable(
                 "Rate limits cannot be checked right now; try again soon.",
-                headers={"Retry-After": "1"},
+                retry_after=1,
             ) from exc
         return MeteredCall(principal=principal, endpoint=endpoint, admission=admission)
+
+    async def through(self, call: MeteredCall, grant: Grant | None) -> None:
+        """The call reaches another organisation's object through `grant`: check the caps the
+        owner set on it (429 like the organisation's own limits) and attribute the call."""
+        if grant is None or call.grant is not None:
+            return
+        try:
+            self.meter.check_grant_quota(grant)
+            if grant.max_requests_per_minute is not None:
+                level = LimitLevel(
+                    level="grant",
+                    id=grant.id,
+                    limits=RateLimits(requests_per_minute=grant.max_requests_per_minute),
+                )
+                call.grant_admission = await self.limiter.admit_levels((level,))
+        except RateLimited as refused:
+            reason = "quota" if isinstance(refused, InsufficientQuota) else refused.type
+            self._metrics.rate_limited.labels(org=call.org_id, reason=f"grant_{reason}").inc()
+            raise
+        call.grant = grant
 
     async def end(self, call: MeteredCall, *, status: int, request_id: str | None) -> None:
         elapsed = time.perf_counter() - call.started
@@ -90,6 +115,8 @@ class Metering:
             latency_ms=round(elapsed * 1000, 3),
             request_id=request_id,
             created_at=call.created_at,
+            grant_id=call.grant.id if call.grant else None,
+            owner_org_id=call.grant.org_id if call.grant else None,
         )
         self.meter.record(row)
         labels = {"org": call.org_id, "model": call.model, "endpoint": call.endpoint}
@@ -101,3 +128,8 @@ class Metering:
                 await self.limiter.release(call.admission, tokens=tokens if status < 400 else 0)
             except Exception:  # the response is sent; a lost decrement only expires later
                 log.exception("could not release rate-limit counters")
+        if call.grant_admission is not None:
+            try:
+                await self.limiter.release(call.grant_admission)
+            except Exception:  # as above
+                log.exception("could not release a grant's rate-limit counters")

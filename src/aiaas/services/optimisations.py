@@ -8,16 +8,15 @@ through the job service, scoped to this kind of job.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aiaas.domain import Actor, Job
+from aiaas.domain import Actor, Job, OptimisationRequest
 from aiaas.errors import InvalidRequest, ModelNotFound, NotFound
 from aiaas.ids import new_id
 from aiaas.services.audit import AuditService
-from aiaas.services.jobs import JobService, org_slug
+from aiaas.services.jobs import JobService, org_slug, queue_job
 from aiaas.services.registry import RegistryService
 from aiaas.storage.db import Database
 from aiaas.storage.repos import jobs as repo
@@ -25,15 +24,6 @@ from aiaas.storage.repos import tenancy as tenancy_repo
 
 OPTIMISATION = "optimisation"
 GGUF = "gguf"
-
-
-@dataclass(frozen=True, slots=True)
-class OptimisationRequest:
-    model: str
-    version: int | None
-    variants: Sequence[dict[str, Any]]  # {"method": ..., method parameters}
-    seed: int | None = None
-    eval_text: str | None = None  # GGUF: the held-out text perplexity is measured on
 
 
 class OptimisationService:
@@ -176,24 +166,21 @@ class OptimisationService:
         register_to: str,
         what: str,
     ) -> Job:
-        seed = request.seed if request.seed is not None else int.from_bytes(job_id.encode()[-4:])
         with self._db.write() as conn:
-            job = repo.insert_job(
+            job = queue_job(
                 conn,
                 job_id=job_id,
                 org_id=org_id,
                 project_id=project_id,
+                actor=actor,
                 kind=OPTIMISATION,
                 model=base,
                 dataset_version_id=dataset_version_id,
                 task=task,
                 target_column="",
                 spec=spec,
-                seed=seed % 2**31,
-                suffix=None,
-                metadata=None,
+                seed=request.seed,
                 register_to=register_to,
-                created_by=actor.id,
             )
             repo.add_event(
                 conn, job_id=job_id, message=f"Queued {len(request.variants)} variants of {what}."

@@ -22,10 +22,12 @@ from aiaas.engines.classic.model import ClassicModel, Prediction
 from aiaas.engines.classic.pool import ClassicPool, LoadedClassic
 from aiaas.errors import InvalidRequest
 from aiaas.observability.metrics import Metrics
+from aiaas.protocol.oip import InferenceRequest
 from aiaas.scheduling.batcher import BatcherStats
 from aiaas.services.deployments import DeploymentService, Routed
+from aiaas.services.metering import MeteredCall, Metering
 from aiaas.services.registry import RegistryService
-from aiaas.training.preprocess import ImageStep, PreprocessingSpec, TextStep
+from aiaas.specs.preprocessing import ImageStep, PreprocessingSpec, TextStep
 
 log = logging.getLogger("aiaas.predictions")
 
@@ -43,10 +45,12 @@ class PredictionService:
         registry: RegistryService,
         pool: ClassicPool,
         metrics: Metrics,
+        metering: Metering,
         *,
         threads: int,
     ) -> None:
         self._deployments = deployments
+        self._metering = metering
         self._registry = registry
         self._pool = pool
         self._metrics = metrics
@@ -54,11 +58,20 @@ class PredictionService:
         self._warming: dict[str, asyncio.Task[LoadedClassic]] = {}
 
     async def serve(
-        self, *, org_id: str, name: str, version: int | None = None, split: bool = True
+        self,
+        *,
+        org_id: str,
+        name: str,
+        version: int | None = None,
+        split: bool = True,
+        call: MeteredCall | None = None,
     ) -> Served:
         """The model that answers a request to deployment `name`, loaded (without `split`, the
-        deployment's own target, never its canary)."""
+        deployment's own target, never its canary). A metered `call` to another organisation's
+        deployment goes through its grant's caps first, and is attributed to it."""
         routed = await self.route(org_id=org_id, name=name, version=version, split=split)
+        if call is not None:
+            await self._metering.through(call, routed.grant)
         chosen = routed.version
         loaded = await self._pool.get(chosen.id, lambda: self._load(chosen))
         return Served(routed, loaded)
@@ -69,10 +82,17 @@ class PredictionService:
         org_id: str,
         name: str,
         version: int | None,
-        inputs: dict[str, np.ndarray],
+        request: InferenceRequest,
         weight: float = 1.0,
+        call: MeteredCall | None = None,
     ) -> tuple[Served, np.ndarray]:
-        served = await self.serve(org_id=org_id, name=name, version=version)
+        """An Open Inference Protocol request: its tensors, checked against the model that
+        answers, in; that model's logits out."""
+        served = await self.serve(org_id=org_id, name=name, version=version, call=call)
+        model = served.loaded.model
+        inputs = request.tensors(
+            {t.name: t.datatype for t in model.inputs}, {t.name for t in model.outputs}
+        )
         logits = await served.loaded.infer(inputs, tenant=org_id, weight=weight)
         self._count(served, org_id, "oip", len(logits))
         return served, logits
@@ -86,8 +106,9 @@ class PredictionService:
         texts: list[str] | None,
         images: list[str] | None,
         weight: float = 1.0,
+        call: MeteredCall | None = None,
     ) -> tuple[Served, list[Prediction]]:
-        served = await self.serve(org_id=org_id, name=name)
+        served = await self.serve(org_id=org_id, name=name, call=call)
         model = served.loaded.model
         rows = records if records is not None else _records_from(model, texts, images)
         inputs = await served.loaded.encode_records(rows)
@@ -134,9 +155,7 @@ class PredictionService:
         return not missing
 
     async def versions(self, *, org_id: str, deployment: Deployment) -> list[int]:
-        return await asyncio.to_thread(
-            self._deployments.versions, org_id=org_id, deployment=deployment
-        )
+        return await asyncio.to_thread(self._deployments.versions, deployment=deployment)
 
     def ready(self, version: ModelVersion) -> bool:
         return self._pool.loaded(version.id)

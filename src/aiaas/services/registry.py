@@ -20,15 +20,19 @@ from sqlalchemy import Connection
 from aiaas.domain import (
     Actor,
     Artifact,
+    Grant,
+    GrantPermission,
     ModelAlias,
     ModelVersion,
     Page,
     RegisteredModel,
+    SharedKind,
     Target,
 )
-from aiaas.errors import Conflict, NotFound
+from aiaas.errors import Conflict, InvalidRequest, NotFound
 from aiaas.ids import new_id, now
 from aiaas.services.audit import AuditService
+from aiaas.services.grants import GrantService
 from aiaas.storage.blobs import EncryptedBlobStore
 from aiaas.storage.db import Database
 from aiaas.storage.repos import deployments as deployments_repo
@@ -63,11 +67,13 @@ class RegistryService:
         blobs: EncryptedBlobStore,
         audit: AuditService,
         *,
+        grants: GrantService | None = None,
         abandon_after_s: float = 3600.0,
     ) -> None:
         self._db = db
         self._blobs = blobs
         self._audit = audit
+        self._grants = grants  # None: no model is ever shared for reading (the workers)
         self._abandon_after_s = abandon_after_s
         self._listeners: list[Callable[[], None]] = []
 
@@ -155,20 +161,85 @@ class RegistryService:
             return repo.list_models(conn, org_id=org_id).items
 
     def get_version(self, *, org_id: str, model_id: str, version: int) -> ModelVersion:
+        """One of `org_id`'s own versions (`read_version` also answers a grantee)."""
         with self._db.read() as conn:
             found = repo.get_version(conn, org_id=org_id, model_id=model_id, version=version)
         if found is None:
-            raise NotFound(f"Model '{model_id}' has no version {version}.", param="version")
+            raise _no_version(model_id, version)
         return found
+
+    # `read_version` and `list_versions` answer the owner, and an organisation that an active
+    # `read` grant reaches (on the model, or on the version asked for): it lists, retrieves,
+    # downloads and bundles, reading under the owner. `use` and `train-on` show none of that,
+    # and anyone else gets the same 404 as for a model that does not exist.
+
+    def read_version(self, *, org_id: str, model_id: str, version: int) -> ModelVersion:
+        """A version `org_id` owns or may read."""
+        reach = self._readable(org_id, model_id, version)
+        if reach is None:
+            raise _no_version(model_id, version)
+        owner, _ = reach
+        return self.get_version(org_id=owner, model_id=model_id, version=version)
 
     def list_versions(
         self, *, org_id: str, model_id: str, after: str | None, limit: int
     ) -> Page[ModelVersion]:
-        self.get_model(org_id=org_id, model_id=model_id)
+        """The versions `org_id` may read: all of its own, those a grant reaches of another's."""
+        reach = self._readable(org_id, model_id)
+        if reach is None:
+            raise _no_model(model_id)
+        owner, grants = reach
         with self._db.read() as conn:
-            return repo.list_versions(
-                conn, org_id=org_id, model_id=model_id, after=after, limit=limit
-            )
+            self._model_in(conn, owner, model_id)
+            if not grants or any(g.version is None for g in grants):
+                return repo.list_versions(
+                    conn, org_id=owner, model_id=model_id, after=after, limit=limit
+                )
+            numbers = sorted({g.version for g in grants if g.version is not None})
+            found = [
+                repo.get_version(conn, org_id=owner, model_id=model_id, version=n) for n in numbers
+            ]
+        versions = [v for v in found if v is not None]
+        if after is not None:
+            ids = [v.id for v in versions]
+            if after not in ids:
+                raise InvalidRequest(f"no object with id {after!r} to page after", param="after")
+            versions = versions[ids.index(after) + 1 :]
+        return Page(items=versions[:limit], has_more=len(versions) > limit)
+
+    def _readable(
+        self, org_id: str, model_id: str, version: int | None = None
+    ) -> tuple[str, list[Grant]] | None:
+        """Whose model `org_id` reads and through which grants: `(org_id, [])` for its own;
+        `(owner, grants)` where active `read` grants reach it (the version, or any version when
+        `version` is None); None for anyone else."""
+        with self._db.read() as conn:
+            if repo.get_model(conn, org_id=org_id, model_id=model_id) is not None:
+                return org_id, []
+        if self._grants is None:
+            return None
+        grant = self._grants.access(
+            org_id=org_id,
+            kind=SharedKind.MODEL,
+            object_id=model_id,
+            needed=GrantPermission.READ,
+            version=version,
+        )
+        if grant is not None:
+            grants = [grant]
+        elif version is None:  # the model as a whole: a grant on one of its versions shows it
+            grants = [
+                g
+                for g in self._grants.reaching(
+                    org_id=org_id, kind=SharedKind.MODEL, needed=GrantPermission.READ
+                )
+                if g.object_id == model_id
+            ]
+        else:
+            grants = []
+        if not grants or grants[0].org_id == org_id:
+            return None
+        return grants[0].org_id, grants
 
     def open_artifact(self, version: ModelVersion, name: str) -> tuple[Artifact, Iterator[bytes]]:
         artifact = version.artifacts.get(name)
@@ -267,7 +338,7 @@ class RegistryService:
     def _model_in(self, conn: Connection, org_id: str, model_id: str) -> RegisteredModel:
         model = repo.get_model(conn, org_id=org_id, model_id=model_id)
         if model is None:
-            raise NotFound(f"The model '{model_id}' does not exist.", param="model")
+            raise _no_model(model_id)
         return model
 
     # -- delete ----------------------------------------------------------------------------------
@@ -330,6 +401,14 @@ class RegistryService:
             _, empty = repo.abandoned(conn, creating_before=0.0)
             if model_id in empty:
                 repo.remove_model(conn, model_id=model_id)
+
+
+def _no_model(model_id: str) -> NotFound:
+    return NotFound(f"The model '{model_id}' does not exist.", param="model")
+
+
+def _no_version(model_id: str, version: int) -> NotFound:
+    return NotFound(f"Model '{model_id}' has no version {version}.", param="version")
 
 
 def _prefix(org_id: str, version_id: str) -> str:

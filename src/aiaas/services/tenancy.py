@@ -61,17 +61,20 @@ class OrgChanges:
 
 
 class TenancyService:
-    def __init__(self, db: Database, *, keys: KeyService, audit: AuditService) -> None:
+    def __init__(
+        self, db: Database, *, keys: KeyService, audit: AuditService, region: str = "local"
+    ) -> None:
         self._db = db
         self._keys = keys
         self._audit = audit
+        self._region = region  # this node's: where new organisations are, unless told
 
     # -- organisations -------------------------------------------------------------------------
 
-    def create_org(self, *, name: str, actor: Actor) -> NewOrganization:
+    def create_org(self, *, name: str, actor: Actor, region: str | None = None) -> NewOrganization:
         """An organisation, its default project and an org-admin key, all or nothing."""
         with self._db.write() as conn:
-            org = tenancy_repo.create_org(conn, name=name)
+            org = tenancy_repo.create_org(conn, name=name, region=region or self._region)
             self._audit.record(
                 conn,
                 actor=actor,
@@ -79,7 +82,7 @@ class TenancyService:
                 target_type="organization",
                 target_id=org.id,
                 org_id=org.id,
-                data={"name": name},
+                data={"name": name, "region": org.region},
             )
             project = self._create_project(
                 conn, org_id=org.id, name=DEFAULT_PROJECT_NAME, is_default=True, actor=actor

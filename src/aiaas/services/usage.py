@@ -8,6 +8,20 @@ totals updated in the same transaction), never on the request path.
 Quotas are checked against the month's totals as the database holds them (reloaded after every
 flush, so other replicas' usage counts within a flush interval) plus what this process has not
 written yet.
+
+Calls through a grant (another organisation's object) are also audited, aggregated: per grant,
+grantee and window (a UTC minute by default, `AIAAS_AUDIT_USAGE_WINDOW_S`) one `grant.used` event
+in the owner's audit log, with both organisation ids and the window's requests, errors, tokens
+and items, never one event per call or token. A call counts in the window in which it finished
+(was recorded). The window's event is written once the window has ended, by the first flush
+after that, in the same transaction as that flush's usage rows; until then the window's counts
+of the rows already written stay in memory (`close()` writes every window, ended or not). So:
+- each replica audits its own calls: several replicas write one event each for the same
+  grant-minute, and a call recorded after its window's event was written (a race of
+  microseconds) gets a second event for that window; the sum over the events is the count;
+- a write that fails rolls back the rows and the events together, and both are retried;
+- a process killed without `close()` loses the counts of its windows not yet written, as it
+  loses its queued rows.
 """
 
 from __future__ import annotations
@@ -18,10 +32,12 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from aiaas.domain import Principal, UsageBucket, UsageGroup, UsagePage, UsageRow
+from aiaas.domain import Actor, Grant, Principal, UsageBucket, UsageGroup, UsagePage, UsageRow
 from aiaas.errors import InsufficientQuota, InvalidRequest
+from aiaas.services.audit import AuditService
 from aiaas.storage.db import Database
 from aiaas.storage.repos import usage as usage_repo
 
@@ -48,17 +64,57 @@ def cost_of(row: UsageRow) -> int:
 
 
 def _add(sums: Sums, row: UsageRow) -> None:
+    """Count a row toward its organisation's month and, for a call through a grant, toward the
+    grant's month too (its `monthly_tokens` cap): the totals are keyed by org or grant id."""
     if counts_toward_quota(row):
-        found = sums[row.org_id, month_of(row.created_at)]
-        found[0] += 1
-        found[1] += cost_of(row)
+        for subject in (row.org_id, row.grant_id):
+            if subject is not None:
+                found = sums[subject, month_of(row.created_at)]
+                found[0] += 1
+                found[1] += cost_of(row)
+
+
+@dataclass(frozen=True, slots=True)
+class GrantWindow:
+    """The calls through one grant by one grantee in one window (the audit's `grant.used`)."""
+
+    requests: int = 0
+    errors: int = 0
+    tokens: int = 0  # prompt + completion
+    items: int = 0
+
+    def plus(self, row: UsageRow) -> GrantWindow:
+        return GrantWindow(
+            requests=self.requests + 1,
+            errors=self.errors + (not counts_toward_quota(row)),
+            tokens=self.tokens + row.prompt_tokens + row.completion_tokens,
+            items=self.items + row.items,
+        )
+
+
+# (grant id, owner org id, grantee org id, window start in unix seconds) -> its counts
+GrantWindows = dict[tuple[str, str, str, int], GrantWindow]
+
+GRANT_USED_ACTOR = Actor(type="system", id="usage-meter")
 
 
 class UsageMeter:
     def __init__(
-        self, db: Database, *, flush_interval_s: float = 1.0, max_pending: int = 1000
+        self,
+        db: Database,
+        *,
+        flush_interval_s: float = 1.0,
+        max_pending: int = 1000,
+        audit: AuditService | None = None,
+        audit_window_s: int = 60,
     ) -> None:
+        """With `audit`, calls through grants are audited per grant and `audit_window_s`."""
         self._db = db
+        self._audit = audit
+        self._audit_window_s = audit_window_s
+        # Counts of the grant calls already written whose window's event is not: only the
+        # flush (under _flush_lock) reads or replaces it.
+        self._grant_windows: GrantWindows = {}
         self._interval = flush_interval_s
         self._max_pending = max_pending
         self._lock = threading.Lock()
@@ -91,7 +147,7 @@ class UsageMeter:
     # -- quotas --------------------------------------------------------------------------------
 
     def month_usage(self, org_id: str, at: float | None = None) -> tuple[int, int]:
-        """(requests, tokens) of the organisation this calendar month (UTC)."""
+        """(requests, tokens) of the organisation (or grant) this calendar month (UTC)."""
         month = month_of(time.time() if at is None else at)
         with self._lock:
             requests, tokens = (
@@ -120,6 +176,17 @@ class UsageMeter:
                 "Ask your platform operator to raise it."
             )
 
+    def check_grant_quota(self, grant: Grant) -> None:
+        """A grant's `monthly_tokens` cap: the grantee's calls through it this month."""
+        if grant.monthly_tokens is None:
+            return
+        _requests, tokens = self.month_usage(grant.id)
+        if tokens >= grant.monthly_tokens:
+            raise InsufficientQuota(
+                f"You exceeded the quota of {grant.monthly_tokens} tokens this month that the "
+                f"owner set on grant {grant.id}. Ask the owner to raise it."
+            )
+
     # -- writing -------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -131,16 +198,21 @@ class UsageMeter:
             except Exception:  # the writer's top level: keep the rows and retry next time
                 log.exception("writing usage records failed; retrying")
 
-    def flush(self) -> None:
-        """Write what is queued, in one transaction, and reload the month's totals."""
+    def flush(self, *, every_window: bool = False) -> None:
+        """Write what is queued, and the audit events of the grant windows that have ended (of
+        all of them with `every_window`), in one transaction; reload the month's totals."""
         with self._flush_lock:
             with self._lock:
                 batch, self._pending = self._pending, []
                 self._writing, self._writing_sums = batch, self._pending_sums
                 self._pending_sums = defaultdict(lambda: [0, 0])
+            # The windows as they will be once this batch is written; they replace the held
+            # ones only when the transaction commits (a failed write counts nothing twice).
+            windows = self._with_grant_calls(batch)
+            ended = self._ended(windows, None if every_window else time.time())
             try:
-                if batch:
-                    self._write(batch)
+                if batch or ended:
+                    self._write(batch, ended)
             except BaseException:
                 with self._lock:  # put them back in front, in order
                     self._pending = batch + self._pending
@@ -148,17 +220,64 @@ class UsageMeter:
                         _add(self._pending_sums, row)
                     self._writing, self._writing_sums = [], defaultdict(lambda: [0, 0])
                 raise
+            for key in ended:
+                del windows[key]
+            self._grant_windows = windows
             self._reload_totals(written=True)
 
-    def _write(self, batch: Sequence[UsageRow]) -> None:
+    def _with_grant_calls(self, batch: Sequence[UsageRow]) -> GrantWindows:
+        """The held grant windows plus the calls through grants in `batch` (a new dict)."""
+        windows = dict(self._grant_windows)
+        if self._audit is None:
+            return windows
+        width = self._audit_window_s
+        for row in batch:
+            if row.grant_id is None or row.owner_org_id is None:
+                continue
+            finished = row.created_at + row.latency_ms / 1000
+            key = (row.grant_id, row.owner_org_id, row.org_id, int(finished // width * width))
+            windows[key] = windows.get(key, GrantWindow()).plus(row)
+        return windows
+
+    def _ended(self, windows: GrantWindows, now: float | None) -> GrantWindows:
+        """The windows whose end is at or before `now` (all of them when `now` is None)."""
+        return {
+            key: counts
+            for key, counts in sorted(windows.items(), key=lambda item: (item[0][3], item[0]))
+            if now is None or key[3] + self._audit_window_s <= now
+        }
+
+    def _write(self, batch: Sequence[UsageRow], ended: GrantWindows | None = None) -> None:
         monthly: Sums = defaultdict(lambda: [0, 0])
         for row in batch:
             _add(monthly, row)
         with self._db.write() as conn:
-            usage_repo.insert_records(conn, batch)
+            if batch:
+                usage_repo.insert_records(conn, batch)
             for (org_id, month), (requests, tokens) in sorted(monthly.items()):
                 usage_repo.add_monthly(
                     conn, org_id=org_id, month=month, requests=requests, tokens=tokens
+                )
+            audit = self._audit
+            for (grant_id, owner_org_id, grantee_org_id, start), counts in (ended or {}).items():
+                if audit is None:  # never: windows are only counted with an audit log
+                    break
+                audit.record(
+                    conn,
+                    actor=GRANT_USED_ACTOR,
+                    action="grant.used",
+                    target_type="grant",
+                    target_id=grant_id,
+                    org_id=owner_org_id,
+                    data={
+                        "grantee_org_id": grantee_org_id,
+                        "minute": start,
+                        "window_s": self._audit_window_s,
+                        "requests": counts.requests,
+                        "errors": counts.errors,
+                        "tokens": counts.tokens,
+                        "items": counts.items,
+                    },
                 )
 
     def _reload_totals(self, *, written: bool = False) -> None:
@@ -176,9 +295,13 @@ class UsageMeter:
         if self._thread is not None:
             self._thread.join(timeout=10)
         try:
-            self.flush()
+            self.flush(every_window=True)
         except Exception:  # shutting down: say what is lost rather than hide it
-            log.exception("could not write %d usage records at shutdown", len(self._pending))
+            log.exception(
+                "could not write %d usage records and %d grant audit windows at shutdown",
+                len(self._pending),
+                len(self._grant_windows),
+            )
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -193,6 +316,7 @@ class UsageMeter:
         limit: int | None = None,
         models: Sequence[str] = (),
         project_ids: Sequence[str] = (),
+        shared: bool = False,
     ) -> UsagePage:
         """Usage per bucket (every bucket in the range, empty ones too), grouped like OpenAI's
         usage API."""
@@ -233,6 +357,7 @@ class UsageMeter:
                 group_by=list(dict.fromkeys(group_by)),
                 models=models,
                 project_ids=project_ids,
+                shared=shared,
             )
         by_bucket: dict[int, list[UsageGroup]] = defaultdict(list)
         for group in groups:

@@ -44,6 +44,8 @@ organizations = Table(
     # JSON objects (domain.RateLimits, domain.Quotas); NULL: none set.
     Column("rate_limits", Text, nullable=True),
     Column("quotas", Text, nullable=True),
+    # Where the organisation is (AIAAS_REGION of the node it was made on, unless given).
+    Column("region", String(64), nullable=False, default="local", server_default="local"),
 )
 
 projects = Table(
@@ -156,6 +158,9 @@ datasets = Table(
     Column("status", String(16), nullable=False),
     Column("created_by", String(64), nullable=True),
     Column("created_at", Float, nullable=False),
+    # The region of the node that holds its rows; "strict" residency keeps them there.
+    Column("region", String(64), nullable=False, default="local", server_default="local"),
+    Column("residency", String(16), nullable=False, default="none", server_default="none"),
     UniqueConstraint("org_id", "name", name="uq_datasets_org_id_name"),
 )
 
@@ -228,6 +233,9 @@ jobs = Table(
     Column("created_at", Float, nullable=False),
     Column("started_at", Float, nullable=True),
     Column("finished_at", Float, nullable=True),
+    # The grant a job trains through on another organisation's dataset (`train-on`); the
+    # worker reads the rows under it and stops when it ends.
+    Column("grant_id", String(64), nullable=True),
     Index("ix_jobs_org_id_seq", "org_id", "seq"),
     Index("ix_jobs_status_seq", "status", "seq"),
 )
@@ -340,6 +348,31 @@ deployments = Table(
     UniqueConstraint("org_id", "name", name="uq_deployments_org_id_name"),
 )
 
+# An organisation's permission on another's object (services/grants.py); revoking stamps
+# `revoked_at` and keeps the row, so the audit trail and the owner's usage still name it.
+grants = Table(
+    "grants",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("org_id", String(64), ForeignKey("organizations.id"), nullable=False),
+    Column("grantee_org_id", String(64), nullable=False),  # an org id, or "*" (public)
+    Column("kind", String(32), nullable=False),
+    Column("object_id", String(256), nullable=False),
+    Column("version", Integer, nullable=True),
+    Column("permission", String(16), nullable=False),
+    Column("max_requests_per_minute", Integer, nullable=True),
+    Column("monthly_tokens", BigInteger, nullable=True),
+    Column("created_by", String(64), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=True),
+    Column("revoked_at", Float, nullable=True),
+    # 1 once the audit log holds the grant's expiry (recorded the first time it is seen).
+    Column("expiry_audited", Integer, nullable=False, default=0, server_default="0"),
+    Index("ix_grants_grantee_kind_object", "grantee_org_id", "kind", "object_id"),
+    Index("ix_grants_org_id", "org_id"),
+)
+
 # One row per metered request (inference routes), written in batches off the request path.
 usage_records = Table(
     "usage_records",
@@ -357,11 +390,17 @@ usage_records = Table(
     Column("latency_ms", Float, nullable=False),
     Column("request_id", String(128), nullable=True),
     Column("created_at", Float, nullable=False),
+    # A call through a grant: the grant, and the organisation that shared the object (the
+    # caller, `org_id`, is billed; the owner reads what its shares are used for).
+    Column("grant_id", String(64), nullable=True),
+    Column("owner_org_id", String(64), nullable=True),
     Index("ix_usage_records_org_id_created_at", "org_id", "created_at"),
+    Index("ix_usage_records_owner_org_id_created_at", "owner_org_id", "created_at"),
 )
 
 # Running totals per organisation and calendar month (UTC), updated in the same transaction as
-# the records they sum: what monthly quotas are checked against.
+# the records they sum: what monthly quotas are checked against. `org_id` also holds grant ids
+# (`grant_...`): the calls through a grant, which its `monthly_tokens` cap is checked against.
 usage_monthly = Table(
     "usage_monthly",
     metadata,

@@ -1,1 +1,4 @@
-"""Training-side building blocks: preprocessing, architectures, the trainer, evaluation."""
+"""Training-side building blocks: the job plan, architectures, the trainer, evaluation, export.
+
+The specs they work from (preprocessing, splits, input shapes) live in `aiaas.specs`.
+"""

@@ -1,4 +1,4 @@
-"""The networks a training job can pick, and what shape of data each one needs.
+"""The networks a training job can pick, built from the input shapes in `specs/shapes.py`.
 
 Every network is a `Network`: an optional encoder for one kind of column (images or text), the
 tabular columns concatenated after it, and an MLP head that ends in logits (one per class, or one
@@ -26,29 +26,16 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from aiaas.training.shapes import (
-    ARCHITECTURES,
+from aiaas.specs.shapes import (
     INPUT_NAMES,
     MINILM,
     TEXT_INPUTS,
     ArchitectureOptions,
     InputShape,
     check_compatible,
-    input_shape,
-    model_inputs,
 )
 
-__all__ = [
-    "ARCHITECTURES",
-    "INPUT_NAMES",
-    "ArchitectureOptions",
-    "InputShape",
-    "Network",
-    "build_model",
-    "check_compatible",
-    "input_shape",
-    "model_inputs",
-]
+__all__ = ["Network", "build_model"]
 
 # A finite "minus infinity": a row that is all padding then gets uniform weights, not NaN.
 _MASKED = -1e9

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from aiaas.training.architectures import InputShape, Network
+from aiaas.specs.shapes import InputShape
+from aiaas.training.architectures import Network
 
 __all__ = ["ExportError", "example_inputs", "export_onnx", "export_text_encoder", "verify_onnx"]
 

@@ -9,13 +9,13 @@ plan as it is (see `workers/training_job.py`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from aiaas.data.types import ColumnType, Task
 from aiaas.errors import InvalidRequest
-from aiaas.training.preprocess import (
+from aiaas.specs.hyperparameters import HyperparameterChoices
+from aiaas.specs.preprocessing import (
     CategoricalStep,
     FeatureStep,
     ImageStep,
@@ -25,25 +25,18 @@ from aiaas.training.preprocess import (
     TextStep,
     propose_spec,
 )
-from aiaas.training.shapes import (
+from aiaas.specs.shapes import (
     ARCHITECTURES,
+    MINILM,
+    TOKENIZER_REF,
     ArchitectureOptions,
     InputShape,
     check_compatible,
 )
+from aiaas.specs.types import ColumnType, Task
 
-__all__ = [
-    "MINILM",
-    "TOKENIZER_REF",
-    "Defaults",
-    "HyperparameterChoices",
-    "Hyperparameters",
-    "TrainingPlan",
-    "plan",
-]
+__all__ = ["Defaults", "Hyperparameters", "TrainingPlan", "plan"]
 
-MINILM = "all-minilm-l6-v2"
-TOKENIZER_REF = MINILM  # the wordpiece tokenizer a MiniLM text step looks up
 _MINILM_MAX_LENGTH = 128  # position embeddings allow 512; 128 keeps CPU fine-tuning practical
 
 
@@ -62,31 +55,6 @@ DEFAULTS: dict[str, Defaults] = {
     "transformer-encoder": Defaults(n_epochs=10, batch_size=32, learning_rate=1e-3),
     MINILM: Defaults(n_epochs=3, batch_size=16, learning_rate=5e-5),
 }
-
-
-Auto = Literal["auto"]
-
-
-class HyperparameterChoices(BaseModel):
-    """What a request may say; "auto" (or leaving a field out) takes the architecture's default.
-    OpenAI's names (`n_epochs`, `learning_rate_multiplier`) and plain ones both work."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    n_epochs: Auto | Annotated[int, Field(ge=1, le=1000)] = Field(
-        "auto", validation_alias=AliasChoices("n_epochs", "epochs")
-    )
-    batch_size: Auto | Annotated[int, Field(ge=1, le=4096)] = "auto"
-    learning_rate: Auto | Annotated[float, Field(gt=0, le=10)] = "auto"
-    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=1000)] = "auto"
-    weight_decay: float = Field(0.0, ge=0, le=1)
-    early_stopping_patience: int | None = Field(
-        None,
-        ge=1,
-        le=1000,
-        validation_alias=AliasChoices("early_stopping_patience", "early_stopping"),
-        description="Stop after this many epochs without a better validation loss.",
-    )
 
 
 class Hyperparameters(BaseModel):

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aiaas.data.types import Task
+from aiaas.specs.types import Task
 from aiaas.training.checkpoints import (
     EarlyStopping,
     EpochMetrics,

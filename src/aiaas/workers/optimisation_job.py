@@ -20,31 +20,24 @@ import safetensors.torch
 import torch
 
 from aiaas import __version__
-from aiaas.data.types import Task
 from aiaas.domain import Actor, JobControl, JobStatus, ModelVersion
 from aiaas.errors import InvalidRequest
 from aiaas.services.audit import AuditService
 from aiaas.services.registry import NewVersion, RegistryService
 from aiaas.settings import Settings
-from aiaas.storage.opened import Storage
+from aiaas.specs.preprocessing import PreprocessingSpec
+from aiaas.specs.shapes import MINILM, ArchitectureOptions, InputShape
+from aiaas.specs.types import Task
+from aiaas.storage.process import Storage
 from aiaas.storage.repos import jobs as repo
 from aiaas.storage.repos import registry as registry_repo
 from aiaas.training import optimise
 from aiaas.training.architectures import Network, build_model
 from aiaas.training.evaluate import summary
 from aiaas.training.export import export_onnx
-from aiaas.training.plan import MINILM
-from aiaas.training.preprocess import PreprocessingSpec
-from aiaas.training.shapes import ArchitectureOptions, InputShape
 from aiaas.training.trainer import Hyperparameters, Stop, Trainer
-from aiaas.workers.training_job import (
-    Encoded,
-    JobLease,
-    evaluate_outputs,
-    load_frame,
-    prepare_frame,
-    run_job,
-)
+from aiaas.workers.lease import JobLease, run_job
+from aiaas.workers.training_job import Encoded, evaluate_outputs, load_frame, prepare_frame
 
 CALIBRATION_ROWS = 512
 KEEP = ("preprocessing.json", "model.json")  # copied from the parent into every variant
@@ -379,7 +372,7 @@ def _run_gguf(settings: Settings, storage: Storage, lease: JobLease) -> None:
     """Re-quantise a served LLM's GGUF file to each requested type; measure size, perplexity on
     held-out text and generation speed against the source; register each file as a version of
     the organisation's `gguf:<model>:<org>` model."""
-    from aiaas.training import gguf
+    from aiaas.engines.llm import quantize as gguf
 
     job = lease.job
     spec = job.spec
@@ -456,7 +449,7 @@ def _run_gguf(settings: Settings, storage: Storage, lease: JobLease) -> None:
 
 
 def _measure_gguf(path: Path, text: str, threads: int) -> dict[str, Any]:
-    from aiaas.training import gguf
+    from aiaas.engines.llm import quantize as gguf
 
     try:
         scored = gguf.perplexity(path, text, n_ctx=512, threads=threads)

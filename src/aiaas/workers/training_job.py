@@ -1,19 +1,17 @@
 """One training job, run inside its worker process from its plan to a registered model version.
 
-The worker holds the job through its claim token: a heartbeat thread refreshes the claim twice a
-second and reads any cancel or pause request; every write (events, checkpoints, the final state)
-names the token and is dropped once the job was taken back. Checkpoints go to the blob store
-first and are recorded after, so the row always names a complete blob; only the newest is kept.
+The worker holds the job through its lease (`workers/lease.py`); every write (events,
+checkpoints, the final state) names the claim token and is dropped once the job was taken back.
+Checkpoints go to the blob store first and are recorded after, so the row always names a complete
+blob; only the newest is kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,27 +24,14 @@ from tokenizers import Tokenizer
 
 from aiaas import __version__
 from aiaas.data.build import read_version
-from aiaas.data.types import SPLIT_COLUMN, Split, Task
-from aiaas.domain import Actor, Job, JobControl, JobStatus
+from aiaas.domain import Actor, Job, JobControl, JobStatus, ModelVersion
 from aiaas.engines.embeddings.export import minilm_l6_v2_dir, read_pooling
-from aiaas.errors import ApiError, InvalidRequest
+from aiaas.errors import InvalidRequest
 from aiaas.ids import new_id, now
 from aiaas.services.audit import AuditService
 from aiaas.services.registry import NewVersion, RegistryService
 from aiaas.settings import Settings
-from aiaas.storage.opened import Storage
-from aiaas.storage.repos import datasets as datasets_repo
-from aiaas.storage.repos import jobs as repo
-from aiaas.training.architectures import InputShape, Network, build_model, input_shape, model_inputs
-from aiaas.training.evaluate import (
-    EvaluationReport,
-    evaluate_classification,
-    evaluate_regression,
-    summary,
-)
-from aiaas.training.export import export_onnx, export_text_encoder, verify_onnx
-from aiaas.training.plan import MINILM, TOKENIZER_REF, TrainingPlan
-from aiaas.training.preprocess import (
+from aiaas.specs.preprocessing import (
     Features,
     PreprocessingSpec,
     encode_labels,
@@ -54,107 +39,28 @@ from aiaas.training.preprocess import (
     transform,
     unscale_targets,
 )
+from aiaas.specs.shapes import MINILM, TOKENIZER_REF, InputShape, input_shape, model_inputs
+from aiaas.specs.types import SPLIT_COLUMN, Split, Task
+from aiaas.storage.process import Storage
+from aiaas.storage.repos import datasets as datasets_repo
+from aiaas.storage.repos import jobs as repo
+from aiaas.training.architectures import Network, build_model
+from aiaas.training.evaluate import (
+    EvaluationReport,
+    evaluate_classification,
+    evaluate_regression,
+    summary,
+)
+from aiaas.training.export import export_onnx, export_text_encoder, verify_onnx
+from aiaas.training.plan import TrainingPlan
 from aiaas.training.trainer import EpochMetrics, Stop, Trainer, TrainResult, predict
 from aiaas.training.trainer import Hyperparameters as LoopHyperparameters
 from aiaas.training.trainer import Split as TensorSplit
+from aiaas.workers.data_access import data_org
+from aiaas.workers.lease import JobLease, run_job
 
-log = logging.getLogger("aiaas.worker")
-
-HEARTBEAT_S = 0.5
 ARTIFACTS = ("model.safetensors", "model.onnx", "preprocessing.json", "model.json")
-
-
-class JobLease:
-    """The worker's hold on its job: heartbeats, the pending request, fenced writes."""
-
-    def __init__(self, storage: Storage, job: Job, token: str, shutdown: threading.Event) -> None:
-        self.storage = storage
-        self.job = job
-        self.token = token
-        self.shutdown = shutdown
-        self.control: JobControl | None = None
-        self.lost = False
-        self.progress: dict[str, Any] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
-
-    def __enter__(self) -> JobLease:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                with self.storage.db.write() as conn:
-                    held, control = repo.heartbeat(
-                        conn, job_id=self.job.id, worker=self.token, **self.progress
-                    )
-            except Exception:  # a busy database must not end the job: retry
-                log.warning("heartbeat of job %s failed; retrying", self.job.id, exc_info=True)
-                continue
-            self.lost = self.lost or not held
-            self.control = control
-
-    def stop_requested(self) -> Stop | None:
-        if self.lost or self.control is JobControl.CANCEL:
-            return Stop.CANCEL
-        if self.control is JobControl.PAUSE or self.shutdown.is_set():
-            return Stop.PAUSE
-        return None
-
-    def event(
-        self,
-        message: str,
-        *,
-        level: str = "info",
-        data: dict[str, Any] | None = None,
-        type: str = "message",
-    ) -> None:
-        with self.storage.db.write() as conn:
-            if _holds(conn, self.job.id, self.token):
-                repo.add_event(
-                    conn,
-                    job_id=self.job.id,
-                    message=message,
-                    level=level,
-                    type=type,
-                    data=data,
-                )
-
-    def requeue(self, message: str) -> None:
-        with self.storage.db.write() as conn:
-            if repo.requeue(conn, job_id=self.job.id, worker=self.token):
-                repo.add_event(conn, job_id=self.job.id, message=message)
-
-    def finish(self, status: JobStatus, message: str, **values: Any) -> bool:
-        with self.storage.db.write() as conn:
-            done = repo.transition(
-                conn,
-                job_id=self.job.id,
-                expected=[JobStatus.RUNNING],
-                status=status,
-                held_by=self.token,
-                **values,
-            )
-            if done:
-                level = "error" if status is JobStatus.FAILED else "info"
-                repo.add_event(conn, job_id=self.job.id, message=message, level=level)
-                keys = (
-                    repo.drop_checkpoint_blobs(conn, job_id=self.job.id) if status.finished else []
-                )
-        if done:
-            for key in keys:
-                self.storage.blobs.delete(key)
-        return done
-
-
-def _holds(conn: Any, job_id: str, token: str) -> bool:
-    job = repo.get_job_any(conn, job_id=job_id)
-    return job is not None and job.worker == token and job.status is JobStatus.RUNNING
+GRANT_CHECK_S = 1.0  # how often a job on another organisation's data checks its grant
 
 
 class _Control:
@@ -166,8 +72,14 @@ class _Control:
         self._interval = checkpoint_interval_s
         self._last_checkpoint = time.monotonic()
         self._epoch_seconds: list[float] = []
+        self._next_grant_check = 0.0
 
     def poll(self) -> Stop | None:
+        # Training on another organisation's data: a revoked or expired grant ends the job
+        # (checked once a second, not every step).
+        if self._lease.job.grant_id is not None and time.monotonic() >= self._next_grant_check:
+            self._next_grant_check = time.monotonic() + GRANT_CHECK_S
+            data_org(self._lease.storage, self._lease.job)
         return self._lease.stop_requested()
 
     def checkpoint_due(self) -> bool:
@@ -207,6 +119,8 @@ class _Control:
             blobs.delete(old)
         if superseded is None:
             self._lease.lost = True
+        # Training on another organisation's data: stop here if its grant has ended.
+        data_org(self._lease.storage, job)
 
     def on_epoch(self, metrics: EpochMetrics) -> None:
         # The epoch's event is written with its checkpoint (which follows), not here.
@@ -217,48 +131,6 @@ class _Control:
             "step": metrics.step,
             "estimated_finish": now() + remaining,
         }
-
-
-JobBody = Callable[[Settings, Storage, JobLease], None]
-
-
-def run_job(
-    settings: Settings, job_id: str, token: str, body: JobBody, *, shutdown: threading.Event
-) -> None:
-    """Hold the job through its lease and run `body`; any failure ends the job as failed, with
-    an API error's message as is and anything else as an internal error (logged)."""
-    storage = Storage.open(settings, migrate=False)
-    try:
-        with storage.db.read() as conn:
-            job = repo.get_job_any(conn, job_id=job_id)
-        if job is None or job.worker != token or job.status is not JobStatus.RUNNING:
-            return  # taken back before this process started
-        torch.set_num_threads(settings.training_threads)
-        with JobLease(storage, job, token, shutdown) as lease:
-            try:
-                body(settings, storage, lease)
-            except ApiError as exc:
-                lease.finish(
-                    JobStatus.FAILED,
-                    f"The job failed: {exc.message}",
-                    error=json.dumps(
-                        {
-                            "code": exc.code or "invalid_request",
-                            "message": exc.message,
-                            "param": exc.param,
-                        }
-                    ),
-                )
-            except Exception:
-                log.exception("job %s failed", job_id)
-                message = "The job failed with an internal error; the operator's logs have details."
-                lease.finish(
-                    JobStatus.FAILED,
-                    message,
-                    error=json.dumps({"code": "internal_error", "message": message, "param": None}),
-                )
-    finally:
-        storage.close()
 
 
 def run_training_job(
@@ -401,9 +273,10 @@ def pretrained_dir(plan: TrainingPlan) -> Path | None:
 
 
 def load_frame(storage: Storage, job: Job) -> pd.DataFrame:
+    owner = data_org(storage, job)
     with storage.db.read() as conn:
         version = datasets_repo.get_version_by_id(
-            conn, org_id=job.org_id, version_id=job.dataset_version_id
+            conn, org_id=owner, version_id=job.dataset_version_id
         )
     if version is None:
         raise InvalidRequest(
@@ -435,23 +308,74 @@ def _register(
     model: Network,
     result: TrainResult,
 ) -> None:
-    job = lease.job
-    evaluated_on = data.test or data.valid or data.train
+    """Evaluate the trained model, export it and register it as a version of the plan's model
+    (unless the job was cancelled meanwhile), then end the job as succeeded."""
+    evaluation = _evaluate(lease, plan, data, model)
+    exported = _export(plan, data, model, evaluation.split)
+    metrics = _version_metrics(data, result, evaluation, exported.onnx_max_abs_diff)
+    lineage = _lineage(storage, lease.job, plan)
+    if lease.stop_requested() is Stop.CANCEL:
+        lease.finish(JobStatus.CANCELLED, "Job cancelled before its model was registered.")
+        return
+    version = _register_version(storage, lease.job, plan, exported.artifacts, metrics, lineage)
+    lease.event(f"Registered {plan.model_name} version {version.version}.")
+    _succeed(lease, plan, data, result, version)
+
+
+@dataclass(frozen=True)
+class _Evaluation:
+    """The trained model's scores on the split held out furthest from training."""
+
+    split_name: str  # "test", "validation" or "train"
+    split: TensorSplit
+    report: EvaluationReport
+    headline: dict[str, float | None]
+
+
+def _evaluate(lease: JobLease, plan: TrainingPlan, data: Encoded, model: Network) -> _Evaluation:
+    """Score the model on the test split (else validation, else train) and say so in an event."""
+    split = data.test or data.valid or data.train
     split_name = "test" if data.test else "validation" if data.valid else "train"
-    outputs = predict(model, evaluated_on.inputs)
-    report = evaluate_outputs(plan.task, data.spec, evaluated_on.targets, outputs)
+    outputs = predict(model, split.inputs)
+    report = evaluate_outputs(plan.task, data.spec, split.targets, outputs)
     headline = summary(report)
     lease.event(
-        f"Evaluated on {len(evaluated_on.targets)} {split_name} rows: "
+        f"Evaluated on {len(split.targets)} {split_name} rows: "
         + ", ".join(f"{k} {v:.4f}" for k, v in headline.items() if v is not None),
         data={"split": split_name, **headline},
         type="message",
     )
+    return _Evaluation(split_name, split, report, headline)
+
+
+@dataclass(frozen=True)
+class _Exported:
+    """The version's artifacts (name, bytes), and how far its ONNX graph strays from torch."""
+
+    artifacts: list[tuple[str, bytes]]
+    onnx_max_abs_diff: float
+
+
+def _export(plan: TrainingPlan, data: Encoded, model: Network, sample: TensorSplit) -> _Exported:
+    """Weights, the ONNX graph (checked against torch on a few of `sample`'s rows), the fitted
+    preprocessing, the model's description and, for a sentence encoder, its encoder."""
     onnx_bytes = export_onnx(model, data.shape)
-    sample = {name: array[:64] for name, array in evaluated_on.inputs.items()}
-    onnx_diff = verify_onnx(onnx_bytes, model, sample)
+    rows = {name: array[:64] for name, array in sample.inputs.items()}
+    onnx_diff = verify_onnx(onnx_bytes, model, rows)
     weights = safetensors.torch.save({k: v.contiguous() for k, v in model.state_dict().items()})
-    description = {
+    artifacts = [
+        ("model.safetensors", weights),
+        ("model.onnx", onnx_bytes),
+        ("preprocessing.json", data.spec.model_dump_json().encode()),
+        ("model.json", json.dumps(_description(plan, data, model), indent=2).encode()),
+        *_encoder_artifacts(plan, model),
+    ]
+    return _Exported(artifacts, onnx_diff)
+
+
+def _description(plan: TrainingPlan, data: Encoded, model: Network) -> dict[str, Any]:
+    """model.json: what a server needs to rebuild and feed the network."""
+    return {
         "format": 1,
         "architecture": plan.model,
         "options": plan.architecture.model_dump(mode="json"),
@@ -462,16 +386,17 @@ def _register(
         "classes": data.spec.label.classes if data.spec.label else None,
         "input_shape": dataclasses.asdict(data.shape),
     }
-    with storage.db.read() as conn:
-        dataset_version = datasets_repo.get_version_by_id(
-            conn, org_id=job.org_id, version_id=job.dataset_version_id
-        )
-    history = [m.as_dict() for m in result.history]
-    metrics = {
-        "evaluation": report.model_dump(mode="json"),
-        "evaluated_on": split_name,
-        "summary": headline,
-        "history": history,
+
+
+def _version_metrics(
+    data: Encoded, result: TrainResult, evaluation: _Evaluation, onnx_diff: float
+) -> dict[str, Any]:
+    """The version's metrics: its evaluation, the training history and the rows it saw."""
+    return {
+        "evaluation": evaluation.report.model_dump(mode="json"),
+        "evaluated_on": evaluation.split_name,
+        "summary": evaluation.headline,
+        "history": [m.as_dict() for m in result.history],
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
         "onnx_max_abs_diff": onnx_diff,
@@ -482,8 +407,19 @@ def _register(
             "dropped_unlabelled": data.dropped,
         },
     }
-    lineage = {
+
+
+def _lineage(storage: Storage, job: Job, plan: TrainingPlan) -> dict[str, Any]:
+    """The version's lineage: the job, dataset version and settings that made it."""
+    owner = data_org(storage, job)
+    with storage.db.read() as conn:
+        dataset_version = datasets_repo.get_version_by_id(
+            conn, org_id=owner, version_id=job.dataset_version_id
+        )
+    shared = {"grant_id": job.grant_id, "dataset_owner_org_id": owner} if job.grant_id else {}
+    return {
         "job_id": job.id,
+        **shared,
         "base_model": plan.model,
         "dataset_id": dataset_version.dataset_id if dataset_version else None,
         "dataset_version_id": job.dataset_version_id,
@@ -495,18 +431,19 @@ def _register(
         "code_version": f"aiaas {__version__}",
         "torch_version": torch.__version__,
     }
-    artifacts = [
-        ("model.safetensors", weights),
-        ("model.onnx", onnx_bytes),
-        ("preprocessing.json", data.spec.model_dump_json().encode()),
-        ("model.json", json.dumps(description, indent=2).encode()),
-        *_encoder_artifacts(plan, model),
-    ]
-    if lease.stop_requested() is Stop.CANCEL:
-        lease.finish(JobStatus.CANCELLED, "Job cancelled before its model was registered.")
-        return
+
+
+def _register_version(
+    storage: Storage,
+    job: Job,
+    plan: TrainingPlan,
+    artifacts: list[tuple[str, bytes]],
+    metrics: dict[str, Any],
+    lineage: dict[str, Any],
+) -> ModelVersion:
+    """Store the artifacts as a new version of the plan's model (audited as done by the job)."""
     registry = RegistryService(storage.db, storage.blobs, AuditService(storage.db))
-    version = registry.register(
+    return registry.register(
         NewVersion(
             org_id=job.org_id,
             project_id=job.project_id,
@@ -521,7 +458,12 @@ def _register(
         ),
         actor=Actor(type="job", id=job.id),
     )
-    lease.event(f"Registered {plan.model_name} version {version.version}.")
+
+
+def _succeed(
+    lease: JobLease, plan: TrainingPlan, data: Encoded, result: TrainResult, version: ModelVersion
+) -> None:
+    """End the job as succeeded, naming the version it registered and the samples it trained."""
     lease.finish(
         JobStatus.SUCCEEDED,
         "The job has successfully completed.",

@@ -27,18 +27,17 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from pydantic import BaseModel, ConfigDict, PositiveInt
 from tokenizers import Tokenizer
 
-from aiaas.data.types import Task
 from aiaas.engines.embeddings.export import minilm_l6_v2_dir
 from aiaas.errors import InvalidRequest
-from aiaas.training.plan import TOKENIZER_REF
-from aiaas.training.preprocess import (
+from aiaas.specs.preprocessing import (
     PreprocessingSpec,
     TextStep,
     decode_labels,
     transform,
     unscale_targets,
 )
-from aiaas.training.shapes import INPUT_NAMES, InputShape, input_shape, model_inputs
+from aiaas.specs.shapes import INPUT_NAMES, TOKENIZER_REF, InputShape, input_shape, model_inputs
+from aiaas.specs.types import Task
 
 __all__ = ["MAX_RECORDS", "ClassicModel", "Prediction", "TensorSpec"]
 

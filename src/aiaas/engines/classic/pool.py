@@ -77,7 +77,7 @@ class LoadedClassic:
         with self._guard:
             if self._retired:  # unloaded since `get` returned it
                 raise ServiceUnavailable(
-                    f"model {self.key} was just unloaded; try again", headers={"Retry-After": "1"}
+                    f"model {self.key} was just unloaded; try again", retry_after=1
                 )
             self._in_flight += 1
             self.touch()

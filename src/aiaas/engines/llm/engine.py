@@ -6,17 +6,17 @@ samples, detokenises and hands its events to the request's sink. A finished, can
 failed request frees its slot and its KV cells before the next step, and waiting requests are
 admitted, in the admission policy's order, as soon as a slot and enough KV cells are free.
 
-Prefix cache: when a request ends, the tokens in its KV cells (prompt and decoded completion)
-stay there under a sequence id of the cache's own, sharing the cells (the cache is unified, so
-`llama_memory_seq_cp` only marks them). A new request whose prompt starts with cached tokens
-copies that prefix the same way and decodes only the rest: a repeated system prompt, few-shot
-preamble or earlier chat turn costs no prefill. Entries go least recently used first, whenever
-running requests need their cells.
+Prefix cache (`prefix_cache.py`): a finished request's KV cells stay, under a sequence id of the
+cache's own, for later prompts that start the same way; they decode only the rest. Entries give
+way whenever running requests need their cells.
 
-Speculation (see `speculate.py`): a decoding slot may send, after its next token, guesses at
-the tokens that follow, taken from its own earlier text; sampling checks them position by
-position and keeps the accepted ones, so a step can give a slot several tokens. The engine sends
-a guess only while its fitted step costs and the guesses' odds say it raises tokens per second.
+Speculation (`speculate.py`): a decoding slot may send, after its next token, guesses at the
+tokens that follow, taken from its own earlier text; sampling checks them position by position
+and keeps the accepted ones, so a step can give a slot several tokens. The engine sends a guess
+only while its fitted step costs and the guesses' odds say it raises tokens per second.
+
+Output layer (`head.py`): steps with several rows with logits may have theirs computed by ONNX
+Runtime, where the model's head allows it and both heads agree at start.
 
 Only the engine thread touches the context, the batch, the slots, the samplers, the prefix
 cache and the speculation's statistics. Other threads talk to it through `submit` and
@@ -38,11 +38,12 @@ import llama_cpp
 import numpy as np
 
 from aiaas.engines.llm.detokenize import TextStream
-from aiaas.engines.llm.head import OutputHead, agrees
+from aiaas.engines.llm.head import OutputHead, start_head
 from aiaas.engines.llm.interrupt import ABORTED, StepInterrupt
 from aiaas.engines.llm.model import LlamaModel
 from aiaas.engines.llm.params import (
     Delta,
+    EngineStats,
     Event,
     Failed,
     Final,
@@ -50,17 +51,13 @@ from aiaas.engines.llm.params import (
     SamplingParams,
     TokenLogprob,
 )
+from aiaas.engines.llm.prefix_cache import PrefixCache
 from aiaas.engines.llm.sampler import SamplerChain, log_softmax, logits_view
-from aiaas.engines.llm.speculate import DraftOdds, Guess, NgramDrafter, StepCosts, plan_drafts
+from aiaas.engines.llm.speculate import GuessPlanner, SequenceGuesses
 from aiaas.errors import ConfigurationError, RateLimited
 from aiaas.scheduling.fair import AdmissionPolicy, FifoPolicy, Ticket
 
 log = logging.getLogger("aiaas.engines.llm")
-
-LLAMA_MAX_SEQ = 256  # sequence ids one llama.cpp context accepts (slots and cache entries)
-DRAFT_NGRAM = (1, 3)  # lengths of the n-grams looked up for guesses, shortest first
-# Decoded at start by llama.cpp's output layer and by ONNX Runtime's, which must agree.
-HEAD_CHECK_TEXT = "The quick brown fox jumps over the lazy dog, and then it runs into the woods."
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,12 +141,7 @@ class Slot:
     # Admitted into headroom: its prompt is decoded in a step of its own, ahead of the batch,
     # so its first token does not wait for everyone else's next token.
     urgent: bool = False
-    drafter: NgramDrafter | None = None  # prompt and sampled tokens, for guesses
-    guesses_tried: int = 0
-    guesses_accepted: int = 0
-    # Guesses found but not sent, checked against the tokens as they come all the same, so the
-    # odds keep learning while the planner sends none: (n-gram length, guesses, how many hit).
-    shadow: tuple[int, tuple[int, ...], int] | None = None
+    guesses: SequenceGuesses | None = None  # its drafter and record; None: no speculation
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,34 +154,6 @@ class _Output:
     pos: int  # the position of the token whose logits are in `row`
     guesses: tuple[int, ...] = ()
     ngram: int = 0  # the length of the n-gram that found the guesses
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    slots: int
-    busy_slots: int
-    waiting: int
-    reserved_cells: int
-    prompt_tokens: int
-    generated_tokens: int
-    steps: int
-    headroom_admissions: int = 0
-    preemptions: int = 0
-    cached_prompt_tokens: int = 0
-    prefix_cache_entries: int = 0
-    prefix_cache_cells: int = 0
-    draft_tokens: int = 0
-    accepted_draft_tokens: int = 0
-    onnx_head_steps: int = 0
-
-
-@dataclass(eq=False)
-class _Cached:
-    """A finished sequence's tokens, still in the KV cache under `seq_id`."""
-
-    seq_id: int
-    tokens: np.ndarray  # int32
-    used: int  # when last used or stored (a tick)
 
 
 @dataclass
@@ -234,57 +198,56 @@ class LlmEngine:
         self._thread: threading.Thread | None = None
         self._ctx: llama_cpp.llama_context_p | None = None
         self._batch: llama_cpp.llama_batch | None = None
-        first = config.n_slots
-        entries = max(0, min(config.prefix_cache_entries, LLAMA_MAX_SEQ - first))
-        self._cache_free = list(range(first + entries - 1, first - 1, -1))  # seq ids, a stack
-        self._cache: list[_Cached] = []
-        self._cache_cells = 0
-        # Entries cost even when nothing reads them: their cells widen the span of the KV cache
-        # that every step's attention and mask cover (at 16 streams on Gemma 3 with no hits,
-        # 32 idle entries cost ~12 % of throughput). So the cache keeps as many entries as it
-        # earns: after as many lookups in a row as it has entries with no hit, it halves (down to
-        # 2); a hit restores the configured size.
-        self._cache_entries = entries
-        self._cache_limit = entries
-        self._cache_misses = 0
-        self._tick = 0
         # Sliding-window layers may overwrite a cell once its sequence is a window past it, so
         # an entry holds less than a window; models without such layers keep whole sequences.
         n_swa = llama_cpp.llama_model_n_swa(model.handle)
-        self._cache_tokens = n_swa - 1 if n_swa > 0 else self.context_length
-        # Guesses need their KV positions dropped when wrong: recurrent state cannot go back.
-        self._speculate = config.draft_tokens > 0 and not (
-            llama_cpp.llama_model_is_recurrent(model.handle)
-            or llama_cpp.llama_model_is_hybrid(model.handle)
+        self._prefixes = PrefixCache(
+            first_seq_id=config.n_slots,
+            entries=config.prefix_cache_entries,
+            min_tokens=config.prefix_cache_min_tokens,
+            max_tokens=n_swa - 1 if n_swa > 0 else self.context_length,
+            n_ctx=config.n_ctx,
         )
-        self._odds = DraftOdds(DRAFT_NGRAM[-1])
-        self._costs = StepCosts()
+        # Guesses need their KV positions dropped when wrong: recurrent state cannot go back.
+        self._planner = GuessPlanner(
+            enabled=not (
+                llama_cpp.llama_model_is_recurrent(model.handle)
+                or llama_cpp.llama_model_is_hybrid(model.handle)
+            ),
+            draft_tokens=config.draft_tokens,
+            policy=config.draft_policy,
+            tile=config.row_tile,
+        )
         self._head: OutputHead | None = None
-        self._row_tile = config.row_tile
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
         self._batch = llama_cpp.llama_batch_init(self.config.n_batch, 0, 1)
-        head = self._load_head()
-        self._open_context(head)
-        if head is not None and not self._head_agrees(head):
-            log.warning("engine %s: the ONNX output layer disagrees with llama.cpp's", self.name)
-            llama_cpp.llama_free(self._ctx)
-            head = None
-            self._open_context(None)
-        self._head = head
-        if head is not None:
-            self._row_tile = 1  # the 4-row tiles were the quantized head's
+        self._head = start_head(
+            self.model,
+            self._open_context,
+            self._batch,
+            wanted=self.config.onnx_head,
+            n_batch=self.config.n_batch,
+            threads=self.config.n_threads,
+            name=self.name,
+        )
+        if self._head is not None:
+            self._planner.tile = 1  # the 4-row tiles were the quantized head's
         self._thread = threading.Thread(target=self._run, name=f"llm-{self.name}", daemon=True)
         self._thread.start()
 
-    def _open_context(self, head: OutputHead | None) -> None:
+    def _open_context(self, head: OutputHead | None) -> llama_cpp.llama_context_p:
+        """(Re)open the context, with `head`'s tap on the graph where there is a head."""
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.config.n_ctx
         params.n_batch = self.config.n_batch
         params.n_ubatch = self.config.n_batch  # one ubatch a step: one tap of the hidden state
-        params.n_seq_max = self.config.n_slots + len(self._cache_free)
+        params.n_seq_max = self.config.n_slots + self._prefixes.capacity
         params.n_threads = self.config.n_threads
         params.n_threads_batch = self.config.n_threads
         params.kv_unified = True
@@ -295,41 +258,9 @@ class LlmEngine:
         if not self._ctx:
             raise ConfigurationError(f"llama.cpp could not create a context for {self.name}")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._prefixes.attach(self._memory)
         self._interrupt.install(self._ctx)
-
-    def _load_head(self) -> OutputHead | None:
-        if not self.config.onnx_head:
-            return None
-        try:
-            return OutputHead.load(
-                self.model.info.path,
-                n_embd=llama_cpp.llama_model_n_embd(self.model.handle),
-                n_vocab=self.model.n_vocab,
-                threads=self.config.n_threads,
-            )
-        except (OSError, ValueError) as exc:
-            log.warning("engine %s: llama.cpp keeps the output layer: %s", self.name, exc)
-            return None
-
-    def _head_agrees(self, head: OutputHead) -> bool:
-        """Decode a short text with llama.cpp's head and ours on the same hidden states."""
-        batch = self._batch
-        assert batch is not None and self._ctx is not None
-        tokens = self.model.tokenize(HEAD_CHECK_TEXT, add_special=True)[: self.config.n_batch]
-        outputs = min(len(tokens), 4)
-        for i, token in enumerate(tokens):
-            self._put(batch, i, token, i, 0, i >= len(tokens) - outputs)
-        batch.n_tokens = len(tokens)
-        head.tap.cut = False
-        try:
-            if llama_cpp.llama_decode(self._ctx, batch) != 0 or head.tap.rows is None:
-                return False
-            llamas = logits_view(self._ctx, outputs, self.model.n_vocab).copy()
-            ours = np.empty_like(llamas)
-            head.compute(head.tap.rows, ours)
-            return agrees(ours, llamas)
-        finally:
-            llama_cpp.llama_memory_seq_rm(self._memory, 0, -1, -1)
+        return self._ctx
 
     def close(self) -> None:
         with self._cond:
@@ -387,7 +318,7 @@ class LlmEngine:
             if len(self._policy) >= self.config.max_waiting:
                 raise RateLimited(
                     f"Model {self.name} has {len(self._policy)} requests waiting; try again soon.",
-                    headers={"Retry-After": "1"},
+                    retry_after=1,
                 )
             self._seen[request.tenant] = time.monotonic()
             self._policy.push(
@@ -429,8 +360,8 @@ class LlmEngine:
                 headroom_admissions=self._counters.headroom_admissions,
                 preemptions=self._counters.preemptions,
                 cached_prompt_tokens=self._counters.cached_prompt_tokens,
-                prefix_cache_entries=len(self._cache),
-                prefix_cache_cells=self._cache_cells,
+                prefix_cache_entries=self._prefixes.entries,
+                prefix_cache_cells=self._prefixes.cells,
                 draft_tokens=self._counters.draft_tokens,
                 accepted_draft_tokens=self._counters.accepted_draft_tokens,
                 onnx_head_steps=self._counters.onnx_head_steps,
@@ -504,16 +435,10 @@ class LlmEngine:
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             slot.request, slot.state, slot.tokens = request, SlotState.PREFILL, []
             slot.text, slot.chain = TextStream(request.params.stop), chain
-            slot.drafter = (
-                NgramDrafter(request.prompt, n_min=DRAFT_NGRAM[0], n_max=DRAFT_NGRAM[-1])
-                if self._speculate
-                else None
-            )
-            slot.guesses_tried = slot.guesses_accepted = 0
-            slot.shadow = None
-            slot.cached = slot.n_past = self._reuse(slot.seq_id, request.prompt)
+            slot.guesses = self._planner.sequence(request.prompt)
+            slot.cached = slot.n_past = self._prefixes.reuse(slot.seq_id, request.prompt)
             self._reserved += request.reserved_cells
-            self._evict_until(self.config.n_ctx - self._reserved)
+            self._prefixes.evict_until(self.config.n_ctx - self._reserved)
             self._running[request.tenant] += 1
             slot.urgent = headroom
             self._counters.admissions.append(request.tenant)
@@ -550,8 +475,8 @@ class LlmEngine:
         guesses = self._guesses(decoding, prefilling)
         outputs: list[_Output] = []
         n = rows = 0
-        for slot in decoding:
-            ngram, guessed = guesses.get(slot.seq_id, (0, ()))
+        for owner, slot in enumerate(decoding):
+            ngram, guessed = guesses.get(owner, (0, ()))
             outputs.append(_Output(slot, rows, n, slot.n_past, guessed, ngram))
             for depth, token in enumerate((slot.last_token, *guessed)):
                 self._put(batch, n, token, slot.n_past + depth, slot.seq_id, True)
@@ -600,69 +525,25 @@ class LlmEngine:
             # into llama.cpp's own logits buffer: everything downstream reads it as usual
             head.compute(hidden, logits_view(self._ctx, rows, self.model.n_vocab))
             self._counters.onnx_head_steps += 1
-        self._costs.observe(rows, n - rows, time.perf_counter() - started)
+        self._planner.observe(rows, n - rows, time.perf_counter() - started)
         self._sample(outputs, rows)
         return False
 
     def _guesses(
         self, decoding: list[Slot], prefilling: list[Slot]
     ) -> dict[int, tuple[int, tuple[int, ...]]]:
-        """seq id -> (n-gram length, guesses) for the decoding slots that send some this step."""
-        if not self._speculate or not decoding:
+        """Index in `decoding` -> (n-gram length, guesses) for the slots that send some."""
+        if not self._planner.enabled or not decoding:
             return {}
-        found: list[tuple[int, list[int]]] = []
-        candidates: list[Guess] = []
+        sequences: list[tuple[SequenceGuesses, int]] = []
         for slot in decoding:
-            request = slot.request
-            assert request is not None and slot.drafter is not None
-            limit = min(self.config.draft_tokens, request.max_new_tokens - len(slot.tokens) - 1)
-            ngram, tokens = slot.drafter.propose(limit) if limit > 0 else (0, [])
-            found.append((ngram, tokens))
-            if not tokens:
-                continue
-            chance = self._odds.chance(ngram, slot.guesses_accepted, slot.guesses_tried)
-            chain = 1.0
-            for depth in range(len(tokens)):
-                chain *= chance
-                candidates.append(Guess(chain, len(found) - 1, depth))
-        if not candidates:
-            return {}
-        # The rows the step has without guesses (as `_step` builds it: decoding slots, then
-        # prompt chunks while the batch has room); guesses take only the room left.
-        room = self.config.n_batch - len(decoding)
-        logit_rows, prompt_rows = len(decoding), 0
+            assert slot.request is not None and slot.guesses is not None
+            sequences.append((slot.guesses, slot.request.max_new_tokens - len(slot.tokens)))
+        prompts_left: list[int] = []
         for slot in prefilling:
             assert slot.request is not None
-            remaining = len(slot.request.prompt) - slot.n_past
-            taken = min(remaining, room)
-            room -= taken
-            logit_rows += taken == remaining
-            prompt_rows += taken - (taken == remaining)
-        if self.config.draft_policy == "always":
-            plan: dict[int, int] = {}
-            for owner, (_, tokens) in enumerate(found):
-                plan[owner] = min(len(tokens), room)
-                room -= plan[owner]
-        else:
-            plan = plan_drafts(
-                candidates,
-                self._costs,
-                logit_rows=logit_rows,
-                prompt_rows=prompt_rows,
-                room=room,
-                tile=self._row_tile,
-            )
-        for owner, (ngram, tokens) in enumerate(found):
-            slot = decoding[owner]
-            if plan.get(owner):
-                slot.shadow = None  # sent: checked for real
-            elif tokens and slot.shadow is None:
-                slot.shadow = (ngram, tuple(tokens), 0)
-        return {
-            decoding[owner].seq_id: (found[owner][0], tuple(found[owner][1][:count]))
-            for owner, count in plan.items()
-            if count
-        }
+            prompts_left.append(len(slot.request.prompt) - slot.n_past)
+        return self._planner.plan(sequences, prompts_left, n_batch=self.config.n_batch)
 
     @staticmethod
     def _put(
@@ -709,39 +590,19 @@ class LlmEngine:
     def _settle_guesses(self, out: _Output, accepted: int, tried: int) -> None:
         """Drop the KV positions of the guesses after the first miss; count them."""
         slot = out.slot
+        assert slot.guesses is not None
         if slot.request is not None and accepted < len(out.guesses):
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, out.pos + accepted + 1, -1)
-        self._record_guesses(slot, out.ngram, accepted, tried)
+        self._planner.settle(slot.guesses, out.ngram, accepted, tried)
         self._counters.draft_tokens += len(out.guesses)
         self._counters.accepted_draft_tokens += accepted
-
-    def _record_guesses(self, slot: Slot, ngram: int, accepted: int, tried: int) -> None:
-        slot.guesses_tried += tried
-        slot.guesses_accepted += accepted
-        self._odds.record(ngram, accepted, tried)
-
-    def _check_shadow(self, slot: Slot, token: int) -> None:
-        """Score the guesses found but not sent against the token that came."""
-        assert slot.shadow is not None
-        ngram, guesses, hits = slot.shadow
-        if token == guesses[hits]:
-            hits += 1
-            if hits < len(guesses):
-                slot.shadow = (ngram, guesses, hits)
-                return
-            self._record_guesses(slot, ngram, hits, hits)
-        else:
-            self._record_guesses(slot, ngram, hits, hits + 1)
-        slot.shadow = None
 
     def _accept(self, slot: Slot, token: int, logits_row: np.ndarray) -> None:
         request, text = slot.request, slot.text
         assert request is not None and text is not None
         slot.tokens.append(token)
-        if slot.drafter is not None:
-            slot.drafter.append(token)
-        if slot.shadow is not None:
-            self._check_shadow(slot, token)
+        if slot.guesses is not None:
+            self._planner.see(slot.guesses, token)
         self._counters.generated_tokens += 1
         logprobs = self._logprobs(token, logits_row, request.params.logprobs)
         if self.model.is_eog(token):
@@ -797,7 +658,7 @@ class LlmEngine:
             self._reserved -= request.reserved_cells
             if isinstance(event, Final) and slot.state is SlotState.DECODE:
                 decoded = request.prompt + slot.tokens[: slot.n_past - len(request.prompt)]
-                self._remember(slot.seq_id, decoded[: self._cache_tokens])
+                self._prefixes.remember(slot.seq_id, decoded, reserved=self._reserved)
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             self._running[request.tenant] -= 1
             if not self._running[request.tenant]:
@@ -809,87 +670,6 @@ class LlmEngine:
         if event is not None and not request.cancelled:
             request.sink(event)
 
-    # -- the prefix cache (engine thread) -------------------------------------------------------
-
-    def _reuse(self, seq_id: int, prompt: list[int]) -> int:
-        """Share the longest cached prefix of `prompt` with `seq_id`; how many tokens it covers.
-
-        The prompt's last token is always decoded again: its logits give the first token."""
-        if not self._cache or len(prompt) <= self.config.prefix_cache_min_tokens:
-            return 0
-        reuse = self._lookup(seq_id, prompt)
-        self._size_cache(hit=reuse > 0)
-        return reuse
-
-    def _size_cache(self, *, hit: bool) -> None:
-        if hit:
-            self._cache_limit, self._cache_misses = self._cache_entries, 0
-            return
-        self._cache_misses += 1
-        if self._cache_misses >= self._cache_limit and self._cache_limit > 2:
-            self._cache_limit = max(2, self._cache_limit // 2)
-            self._cache_misses = 0
-            while len(self._cache) > self._cache_limit:
-                self._drop_oldest()
-
-    def _lookup(self, seq_id: int, prompt: list[int]) -> int:
-        wanted = np.asarray(prompt, dtype=np.int32)
-        best, best_len = None, 0
-        for entry in self._cache:
-            if (n := _common_prefix(entry.tokens, wanted)) > best_len:
-                best, best_len = entry, n
-        reuse = min(best_len, len(prompt) - 1)
-        if best is None or reuse < self.config.prefix_cache_min_tokens:
-            return 0
-        llama_cpp.llama_memory_seq_cp(self._memory, best.seq_id, seq_id, 0, reuse)
-        best.used = self._next_tick()
-        return reuse
-
-    def _remember(self, seq_id: int, tokens: list[int]) -> None:
-        """Keep a finished sequence's KV cells as a cache entry, unless a longer entry holds
-        them already; entries that are its prefixes go."""
-        if not self._cache_entries:
-            return  # the cache is off
-        if len(tokens) < self.config.prefix_cache_min_tokens:
-            return
-        if llama_cpp.llama_memory_seq_pos_min(self._memory, seq_id) != 0:
-            return  # sliding-window layers dropped its start: the prefix is no longer whole
-        held = np.asarray(tokens, dtype=np.int32)
-        for entry in list(self._cache):
-            common = _common_prefix(entry.tokens, held)
-            if common == len(held):
-                entry.used = self._next_tick()
-                return
-            if common == len(entry.tokens):
-                self._drop(entry)
-        if len(self._cache) >= self._cache_limit:  # also when no sequence id is free
-            self._drop_oldest()
-        self._evict_until(self.config.n_ctx - self._reserved - len(held))
-        if self._reserved + self._cache_cells + len(held) > self.config.n_ctx:
-            return
-        entry = _Cached(seq_id=self._cache_free.pop(), tokens=held, used=self._next_tick())
-        llama_cpp.llama_memory_seq_cp(self._memory, seq_id, entry.seq_id, 0, len(held))
-        self._cache.append(entry)
-        self._cache_cells += len(held)
-
-    def _evict_until(self, room: int) -> None:
-        """Drop the least recently used entries until the cache holds at most `room` cells."""
-        while self._cache and self._cache_cells > max(room, 0):
-            self._drop_oldest()
-
-    def _drop_oldest(self) -> None:
-        self._drop(min(self._cache, key=lambda e: e.used))
-
-    def _drop(self, entry: _Cached) -> None:
-        llama_cpp.llama_memory_seq_rm(self._memory, entry.seq_id, -1, -1)
-        self._cache.remove(entry)
-        self._cache_cells -= len(entry.tokens)
-        self._cache_free.append(entry.seq_id)
-
-    def _next_tick(self) -> int:
-        self._tick += 1
-        return self._tick
-
     def _fail_all(self, message: str) -> None:
         running = sum(1 for slot in self._slots if slot.request is not None)
         log.error("engine %s: %s; failing its %d running requests", self.name, message, running)
@@ -899,10 +679,3 @@ class LlmEngine:
 
 def _seeded(slot: Slot) -> bool:
     return slot.request is not None and slot.request.params.seed is not None
-
-
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    """How many leading tokens `a` and `b` share."""
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(a[:n] != b[:n])
-    return int(differ[0]) if len(differ) else n

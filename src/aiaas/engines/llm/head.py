@@ -22,17 +22,27 @@ for a single row); the tap then only observes (~0.35 ms a step for the callback'
 
 A model is served this way only if its output layer is Q8_0 with no bias; whatever else its graph
 does after the head (a soft-cap, a scale) would show at start, when the engine checks that both
-heads agree on a real step (`agrees`) and otherwise keeps llama.cpp's.
+heads agree on a real step (`start_head`, `agrees`) and otherwise keeps llama.cpp's.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import llama_cpp
 import numpy as np
 
 from aiaas.engines.llm.gguf_index import Q8_0, ggml_library, output_matrix, read_tensor_table
+from aiaas.engines.llm.sampler import logits_view
+
+if TYPE_CHECKING:
+    from aiaas.engines.llm.model import LlamaModel
+
+log = logging.getLogger("aiaas.engines.llm")
 
 BLOCK = 32  # Q8_0: 32 int8 weights and one float16 scale per block
 _BLOCK_BYTES = 2 + BLOCK
@@ -44,6 +54,8 @@ _TAPPED = b"result_norm\0"
 # within 0.31 of the exact product on Gemma 3); a wrong tap or a missing soft-cap is off by whole
 # units.
 AGREEMENT = 1.0
+# Decoded at start by llama.cpp's output layer and by ONNX Runtime's, which must agree.
+HEAD_CHECK_TEXT = "The quick brown fox jumps over the lazy dog, and then it runs into the woods."
 
 
 class HiddenStateTap:
@@ -53,7 +65,7 @@ class HiddenStateTap:
     def __init__(self) -> None:
         self.cut = False
         self.rows: np.ndarray | None = None
-        self.callback = _eval_callback_type()(self._seen)
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._seen)
 
     def _seen(self, tensor: int, ask: bool, _user: int) -> bool:
         if ask:
@@ -63,12 +75,6 @@ class HiddenStateTap:
         values = ctypes.cast(data, ctypes.POINTER(ctypes.c_float))
         self.rows = np.ctypeslib.as_array(values, shape=(rows, width)).copy()
         return not self.cut
-
-
-def _eval_callback_type():  # type: ignore[no-untyped-def]
-    import llama_cpp
-
-    return llama_cpp.ggml_backend_sched_eval_callback
 
 
 class OutputHead:
@@ -124,6 +130,73 @@ def dequantized(blocks: np.ndarray) -> np.ndarray:
 def agrees(ours: np.ndarray, llamas: np.ndarray) -> bool:
     """Whether our logits and llama.cpp's for the same rows are the same model's."""
     return bool(np.isfinite(ours).all() and np.abs(ours - llamas).max() < AGREEMENT)
+
+
+def start_head(
+    model: LlamaModel,
+    open_context: Callable[[OutputHead | None], llama_cpp.llama_context_p],
+    batch: llama_cpp.llama_batch,
+    *,
+    wanted: bool,
+    n_batch: int,
+    threads: int,
+    name: str,
+) -> OutputHead | None:
+    """The head an engine serves `model` with, once its context is open: ours where it is
+    `wanted`, loads, and agrees with llama.cpp's on `HEAD_CHECK_TEXT`; else None (llama.cpp's).
+
+    `open_context(head)` opens the engine's context with `head`'s tap (None: without one),
+    replacing any context it opened before; it is called again without the tap when the heads
+    disagree. `batch` holds at least `n_batch` tokens; the check leaves the KV cache empty."""
+    head = _load_head(model, threads=threads, name=name) if wanted else None
+    ctx = open_context(head)
+    if head is None or _head_agrees(head, ctx, batch, model, n_batch):
+        return head
+    log.warning("engine %s: the ONNX output layer disagrees with llama.cpp's", name)
+    open_context(None)
+    return None
+
+
+def _load_head(model: LlamaModel, *, threads: int, name: str) -> OutputHead | None:
+    try:
+        return OutputHead.load(
+            model.info.path,
+            n_embd=llama_cpp.llama_model_n_embd(model.handle),
+            n_vocab=model.n_vocab,
+            threads=threads,
+        )
+    except (OSError, ValueError) as exc:
+        log.warning("engine %s: llama.cpp keeps the output layer: %s", name, exc)
+        return None
+
+
+def _head_agrees(
+    head: OutputHead,
+    ctx: llama_cpp.llama_context_p,
+    batch: llama_cpp.llama_batch,
+    model: LlamaModel,
+    n_batch: int,
+) -> bool:
+    """Decode a short text with llama.cpp's head and ours on the same hidden states."""
+    tokens = model.tokenize(HEAD_CHECK_TEXT, add_special=True)[:n_batch]
+    outputs = min(len(tokens), 4)
+    for i, token in enumerate(tokens):
+        batch.token[i] = token
+        batch.pos[i] = i
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = i >= len(tokens) - outputs
+    batch.n_tokens = len(tokens)
+    head.tap.cut = False
+    try:
+        if llama_cpp.llama_decode(ctx, batch) != 0 or head.tap.rows is None:
+            return False
+        llamas = logits_view(ctx, outputs, model.n_vocab).copy()
+        ours = np.empty_like(llamas)
+        head.compute(head.tap.rows, ours)
+        return agrees(ours, llamas)
+    finally:
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, -1, -1)
 
 
 def _session(weights: np.ndarray, scales: np.ndarray, n_embd: int, threads: int):  # type: ignore[no-untyped-def]

@@ -1,6 +1,8 @@
-"""Typed engine input and output: what a request asks of the engine and what it gets back.
+"""Typed engine input and output: what a request asks of the engine and what it gets back,
+and the engine's counts (`EngineStats`).
 
-Plain dataclasses with no llama.cpp import, so the protocol layer can build them cheaply.
+Plain dataclasses with no llama.cpp import, so the protocol and observability layers can use
+them cheaply.
 """
 
 from __future__ import annotations
@@ -82,3 +84,24 @@ class Failed:
 
 
 Event = Delta | Final | Failed
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """An engine's counts at one moment: its slots and line, and what it has done so far."""
+
+    slots: int
+    busy_slots: int
+    waiting: int
+    reserved_cells: int
+    prompt_tokens: int
+    generated_tokens: int
+    steps: int
+    headroom_admissions: int = 0
+    preemptions: int = 0
+    cached_prompt_tokens: int = 0
+    prefix_cache_entries: int = 0
+    prefix_cache_cells: int = 0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    onnx_head_steps: int = 0

@@ -14,12 +14,18 @@ model (on a CPU with a 262k-token vocabulary, mostly through the output layer), 
 token only if accepted; and because llama.cpp's kernels work in tiles, one more row can even make
 a step cheaper. So the engine measures its own steps by row count as it runs (`StepCosts`),
 tracks how often guesses are accepted (`DraftOdds`), and sends the guesses that maximise the
-step's expected tokens per second (`plan_drafts`).
+step's expected tokens per second (`plan_drafts`). `GuessPlanner` is what the engine calls: each
+step, the guesses its decoding sequences send (`plan`); after sampling, how many were kept
+(`settle`) and every token that came (`see`), which also scores the guesses found but not sent.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
+
+DRAFT_NGRAM = (1, 3)  # lengths of the n-grams looked up for guesses, shortest first
 
 
 class NgramDrafter:
@@ -173,3 +179,135 @@ def plan_drafts(
     for guess in ranked[:best_k]:
         plan[guess.owner] = plan.get(guess.owner, 0) + 1
     return plan
+
+
+class SequenceGuesses:
+    """One sequence's drafter and its record: guesses sent and kept (`tried`, `accepted`), and
+    the guesses found but not sent (`shadow`), checked against the tokens as they come all the
+    same, so the odds keep learning while the planner sends none: (n-gram length, guesses, how
+    many hit)."""
+
+    __slots__ = ("accepted", "drafter", "shadow", "tried")
+
+    def __init__(self, prompt: list[int]) -> None:
+        self.drafter = NgramDrafter(prompt, n_min=DRAFT_NGRAM[0], n_max=DRAFT_NGRAM[-1])
+        self.tried = 0
+        self.accepted = 0
+        self.shadow: tuple[int, tuple[int, ...], int] | None = None
+
+
+class GuessPlanner:
+    """The engine's speculation: which guesses a step sends, and what the engine learns from
+    its steps and their tokens (the step costs and the guesses' odds).
+
+    `draft_tokens`: most guesses one sequence sends with its next token. `policy`: "auto" sends
+    the guesses the measured step costs say pay, "always" every guess found. `tile`: guesses
+    bring a step's rows with logits to a multiple of it (see `plan_drafts`)."""
+
+    def __init__(
+        self,
+        *,
+        enabled: bool,
+        draft_tokens: int,
+        policy: Literal["auto", "always"],
+        tile: int,
+    ) -> None:
+        self.enabled = enabled and draft_tokens > 0
+        self.tile = tile
+        self._draft_tokens = draft_tokens
+        self._policy = policy
+        self._odds = DraftOdds(DRAFT_NGRAM[-1])
+        self._costs = StepCosts()
+
+    def sequence(self, prompt: list[int]) -> SequenceGuesses | None:
+        """A new sequence's drafter and record; None while speculation is off."""
+        return SequenceGuesses(prompt) if self.enabled else None
+
+    def plan(
+        self,
+        decoding: Sequence[tuple[SequenceGuesses, int]],
+        prompts_left: Sequence[int],
+        *,
+        n_batch: int,
+    ) -> dict[int, tuple[int, tuple[int, ...]]]:
+        """Index in `decoding` -> (n-gram length, guesses) for the sequences that send some
+        this step. `decoding`: each decoding sequence's record and how many tokens it may still
+        generate (its next one included); `prompts_left`: the prompt tokens each prefilling
+        sequence has left, in the order the step takes them (while the batch has room)."""
+        found: list[tuple[int, list[int]]] = []
+        candidates: list[Guess] = []
+        for seq, left in decoding:
+            limit = min(self._draft_tokens, left - 1)
+            ngram, tokens = seq.drafter.propose(limit) if limit > 0 else (0, [])
+            found.append((ngram, tokens))
+            if not tokens:
+                continue
+            chance = self._odds.chance(ngram, seq.accepted, seq.tried)
+            chain = 1.0
+            for depth in range(len(tokens)):
+                chain *= chance
+                candidates.append(Guess(chain, len(found) - 1, depth))
+        if not candidates:
+            return {}
+        # The rows the step has without guesses (decoding sequences, then prompt chunks while
+        # the batch has room); guesses take only the room left.
+        room = n_batch - len(decoding)
+        logit_rows, prompt_rows = len(decoding), 0
+        for remaining in prompts_left:
+            taken = min(remaining, room)
+            room -= taken
+            logit_rows += taken == remaining
+            prompt_rows += taken - (taken == remaining)
+        if self._policy == "always":
+            plan: dict[int, int] = {}
+            for owner, (_, tokens) in enumerate(found):
+                plan[owner] = min(len(tokens), room)
+                room -= plan[owner]
+        else:
+            plan = plan_drafts(
+                candidates,
+                self._costs,
+                logit_rows=logit_rows,
+                prompt_rows=prompt_rows,
+                room=room,
+                tile=self.tile,
+            )
+        for owner, (ngram, tokens) in enumerate(found):
+            seq = decoding[owner][0]
+            if plan.get(owner):
+                seq.shadow = None  # sent: checked for real
+            elif tokens and seq.shadow is None:
+                seq.shadow = (ngram, tuple(tokens), 0)
+        return {
+            owner: (found[owner][0], tuple(found[owner][1][:count]))
+            for owner, count in plan.items()
+            if count
+        }
+
+    def observe(self, logit_rows: int, prompt_rows: int, seconds: float) -> None:
+        """A step's rows and how long it took."""
+        self._costs.observe(logit_rows, prompt_rows, seconds)
+
+    def settle(self, seq: SequenceGuesses, ngram: int, accepted: int, tried: int) -> None:
+        """Of the guesses a sequence sent (found by an n-gram of length `ngram`), sampling
+        checked `tried` and kept `accepted`."""
+        seq.tried += tried
+        seq.accepted += accepted
+        self._odds.record(ngram, accepted, tried)
+
+    def see(self, seq: SequenceGuesses, token: int) -> None:
+        """A token the sequence sampled: the drafter learns it, and the guesses found but not
+        sent are scored against it."""
+        seq.drafter.append(token)
+        if seq.shadow is None:
+            return
+        ngram, guesses, hits = seq.shadow
+        if token == guesses[hits]:
+            hits += 1
+            if hits < len(guesses):
+                seq.shadow = (ngram, guesses, hits)
+                return
+            self.settle(seq, ngram, hits, hits)
+        else:
+            self.settle(seq, ngram, hits, hits + 1)
+        seq.shadow = None

@@ -45,6 +45,8 @@ def _dataset(conn: Connection, row: Row[Any]) -> Dataset:
         description=row.description,
         created_at=row.created_at,
         latest_version=_latest(conn, row.id),
+        region=row.region,
+        residency=row.residency,
     )
 
 
@@ -81,11 +83,15 @@ def reserve_dataset(
     name: str,
     description: str,
     created_by: str | None,
+    region: str = "local",
+    residency: str = "none",
 ) -> None:
     try:
         with conn.begin_nested():
             conn.execute(
                 insert(datasets).values(
+                    region=region,
+                    residency=residency,
                     id=dataset_id,
                     org_id=org_id,
                     project_id=project_id,
@@ -225,6 +231,23 @@ def get_version_by_id(conn: Connection, *, org_id: str, version_id: str) -> Data
         )
     ).first()
     return _version(row) if row else None
+
+
+def owner_of_version(conn: Connection, version_id: str) -> tuple[str, str] | None:
+    """(org id, dataset id) of a ready version, whoever owns it: for a grant check, which then
+    reads the version under its owner's id."""
+    row = conn.execute(
+        select(dataset_versions.c.org_id, dataset_versions.c.dataset_id).where(
+            dataset_versions.c.id == version_id,
+            dataset_versions.c.status == State.READY.value,
+        )
+    ).first()
+    return (row.org_id, row.dataset_id) if row else None
+
+
+def owner_of_dataset(conn: Connection, dataset_id: str) -> str | None:
+    row = conn.execute(select(datasets.c.org_id).where(datasets.c.id == dataset_id)).first()
+    return row.org_id if row else None
 
 
 def list_versions(

@@ -57,6 +57,7 @@ def _job(row: Row[Any]) -> Job:
         started_at=row.started_at,
         finished_at=row.finished_at,
         result=_loads(row.result),
+        grant_id=row.grant_id,
     )
 
 
@@ -80,6 +81,7 @@ def insert_job(
     metadata: dict[str, str] | None,
     register_to: str | None,
     created_by: str | None,
+    grant_id: str | None = None,
 ) -> Job:
     conn.execute(
         insert(jobs).values(
@@ -103,6 +105,7 @@ def insert_job(
             trained_samples=0,
             created_by=created_by,
             created_at=now(),
+            grant_id=grant_id,
         )
     )
     found = get_job_any(conn, job_id=job_id)

@@ -24,6 +24,7 @@ def _org(row: Row[Any]) -> Organization:
         redact_pii=bool(row.redact_pii),
         rate_limits=RateLimits.from_dict(_json(row.rate_limits)),
         quotas=Quotas.from_dict(_json(row.quotas)),
+        region=row.region,
     )
 
 
@@ -60,12 +61,19 @@ def _insert_named(conn: Connection, statement: Insert, *, what: str, name: str) 
         raise Conflict(f"{what} named {name!r} already exists", param="name") from exc
 
 
-def create_org(conn: Connection, *, name: str, weight: float = 1.0) -> Organization:
-    org = Organization(id=new_id("org"), name=name, weight=weight, created_at=now())
+def create_org(
+    conn: Connection, *, name: str, weight: float = 1.0, region: str = "local"
+) -> Organization:
+    org = Organization(id=new_id("org"), name=name, weight=weight, created_at=now(), region=region)
     _insert_named(
         conn,
         insert(organizations).values(
-            id=org.id, name=org.name, weight=org.weight, created_at=org.created_at, redact_pii=0
+            id=org.id,
+            name=org.name,
+            weight=org.weight,
+            created_at=org.created_at,
+            redact_pii=0,
+            region=org.region,
         ),
         what="an organization",
         name=name,
@@ -75,6 +83,11 @@ def create_org(conn: Connection, *, name: str, weight: float = 1.0) -> Organizat
 
 def get_org(conn: Connection, org_id: str) -> Organization | None:
     row = conn.execute(select(organizations).where(organizations.c.id == org_id)).first()
+    return _org(row) if row else None
+
+
+def org_by_name(conn: Connection, name: str) -> Organization | None:
+    row = conn.execute(select(organizations).where(organizations.c.name == name)).first()
     return _org(row) if row else None
 
 

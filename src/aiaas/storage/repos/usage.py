@@ -17,6 +17,8 @@ GROUP_COLUMNS = {
     "project_id": usage_records.c.project_id,
     "api_key_id": usage_records.c.key_id,
     "endpoint": usage_records.c.endpoint,
+    "grant_id": usage_records.c.grant_id,
+    "organization_id": usage_records.c.org_id,
 }
 
 
@@ -73,8 +75,10 @@ def summarize(
     group_by: Sequence[str],
     models: Sequence[str] = (),
     project_ids: Sequence[str] = (),
+    shared: bool = False,
 ) -> list[UsageGroup]:
-    """Sums per bucket of `width_s` seconds from `start`, and per the `group_by` columns."""
+    """Sums per bucket of `width_s` seconds from `start`, and per the `group_by` columns: of
+    the calls `org_id` made, or (`shared`) of the calls others made through its grants."""
     offset = (usage_records.c.created_at - start) / width_s
     # PostgreSQL rounds a float cast to an integer; SQLite truncates (and may lack floor()).
     bucket = func.floor(offset) if conn.dialect.name == "postgresql" else cast(offset, Integer)
@@ -91,7 +95,7 @@ def summarize(
             func.sum(usage_records.c["items"]).label("items"),
         )
         .where(
-            usage_records.c.org_id == org_id,
+            (usage_records.c.owner_org_id if shared else usage_records.c.org_id) == org_id,
             usage_records.c.created_at >= start,
             usage_records.c.created_at < end,
         )

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from aiaas.data.types import Split
-from aiaas.training.features import category_texts
+from aiaas.specs.features import category_texts
+from aiaas.specs.types import Split
 
 __all__ = ["SplitSpec", "assign_splits"]
 

@@ -3,7 +3,7 @@
 Training reads whole parquet columns while serving transforms one JSON row at a time, so the same
 value can arrive as `1`, `1.0`, `np.int64(1)` or `True` depending on the path. Every rule here
 therefore works value by value and never trusts a column's dtype: a row's result must not depend
-on which batch it came in. The steps themselves are defined in `preprocess`.
+on which batch it came in. The steps themselves are defined in `preprocessing`.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import pandas as pd
 from PIL import Image, ImageOps
 from tokenizers import Tokenizer
 
-from aiaas.data.types import Task
 from aiaas.errors import InvalidRequest
+from aiaas.specs.types import Task
 
 if TYPE_CHECKING:
-    from aiaas.training.preprocess import (
+    from aiaas.specs.preprocessing import (
         CategoricalStep,
         ImageStep,
         LabelSpec,

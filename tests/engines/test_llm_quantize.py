@@ -8,8 +8,7 @@ import pytest
 
 from aiaas.engines.llm.bundled import smollm2_path
 from aiaas.engines.llm.model import LlamaModel
-from aiaas.errors import InvalidRequest, ServerError
-from aiaas.training.gguf import (
+from aiaas.engines.llm.quantize import (
     DEFAULT_EVAL_TEXT,
     QUANT_TYPES,
     PerplexityResult,
@@ -17,6 +16,7 @@ from aiaas.training.gguf import (
     perplexity,
     requantize,
 )
+from aiaas.errors import InvalidRequest, ServerError
 
 THREADS = 1  # two threads on a busy two-core box spin against each other: 4x slower
 N_CTX = 128  # small windows keep each perplexity to a few hundred tokens on two cores

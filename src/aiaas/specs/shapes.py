@@ -1,6 +1,7 @@
 """What a network takes: the input shape a fitted spec gives, the architecture options, and
 which architectures can read which data. No torch here: serving (ONNX Runtime) and the job
-planner use these without loading the training stack; `architectures.py` builds the networks.
+planner use these without loading the training stack; `training/architectures.py` builds the
+networks.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ from typing import Annotated
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from aiaas.data.types import Task
 from aiaas.errors import InvalidRequest
-from aiaas.training.preprocess import (
+from aiaas.specs.preprocessing import (
     CategoricalStep,
     Features,
     ImageStep,
@@ -21,6 +21,7 @@ from aiaas.training.preprocess import (
     PreprocessingSpec,
     TextStep,
 )
+from aiaas.specs.types import Task
 
 __all__ = [
     "ARCHITECTURES",
@@ -28,6 +29,7 @@ __all__ = [
     "MINILM",
     "MINILM_MAX_LENGTH",
     "TEXT_INPUTS",
+    "TOKENIZER_REF",
     "ArchitectureOptions",
     "InputShape",
     "check_compatible",
@@ -39,6 +41,7 @@ ARCHITECTURES: tuple[str, ...] = ("mlp", "cnn", "lstm", "transformer-encoder", "
 INPUT_NAMES = ("tabular", "tokens", "attention", "images")
 MINILM = "all-minilm-l6-v2"
 MINILM_MAX_LENGTH = 512  # its position embeddings
+TOKENIZER_REF = MINILM  # the wordpiece tokenizer a MiniLM text step looks up
 TEXT_INPUTS = ("tokens", "attention")
 
 

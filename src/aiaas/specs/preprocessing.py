@@ -25,9 +25,8 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from tokenizers import Tokenizer
 
-from aiaas.data.types import SPLIT_COLUMN, ColumnType, Task
 from aiaas.errors import InvalidRequest
-from aiaas.training.features import (
+from aiaas.specs.features import (
     PAD_TOKEN,
     UNK_TOKEN,
     category_texts,
@@ -42,7 +41,8 @@ from aiaas.training.features import (
     fit_text,
     numeric_values,
 )
-from aiaas.training.splits import SplitSpec, assign_splits
+from aiaas.specs.splits import SplitSpec, assign_splits
+from aiaas.specs.types import SPLIT_COLUMN, ColumnType, Task
 
 __all__ = [
     "CategoricalStep",
