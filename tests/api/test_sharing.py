@@ -27,6 +27,7 @@ class Shared:
     b: Org
     c: Org
     deployment: dict[str, Any]
+    model: str  # the registered model A deployed
 
     @property
     def name(self) -> str:
@@ -68,7 +69,7 @@ def shared(server: Server) -> Shared:
     job = train(server, a, dataset["version"]["id"], n_epochs=2, suffix="shared")
     with server.client(a.api_key) as http:
         deployment = deploy(http, model=job.fine_tuned_model, name="shared-points")
-    return Shared(server, a, b, c, deployment)
+    return Shared(server, a, b, c, deployment, job.fine_tuned_model)
 
 
 def test_without_a_grant_another_organisation_gets_404(shared: Shared) -> None:
@@ -95,6 +96,13 @@ def test_a_grantee_lists_and_calls_the_shared_deployment_and_is_billed_for_it(
         for response in answers:
             assert response.status_code == 200, response.text
             assert len(response.json()["data"]) == len(ROWS)
+        # The Open Inference Protocol takes the same id, slash and all.
+        with shared.http(shared.b) as http:
+            metadata = http.get(f"/v2/models/{shared.name}")
+            assert metadata.status_code == 200, metadata.text
+            assert metadata.json()["name"] == shared.name and metadata.json()["inputs"]
+            ready = http.get(f"/v2/models/{shared.name}/ready")
+            assert ready.status_code == 200 and ready.json()["ready"] is True
         with shared.http(shared.a) as http:
             own = predict(http, shared.deployment["name"]).json()
         assert [r["label"] for r in answers[0].json()["data"]] == [r["label"] for r in own["data"]]
@@ -186,3 +194,42 @@ def test_a_grant_with_a_spent_monthly_token_quota_answers_429(shared: Shared) ->
         assert made["id"] in refused.json()["error"]["message"]
     finally:
         shared.revoke(made["id"])
+
+
+def test_a_model_shared_for_use_is_deployed_and_served_by_the_grantee(shared: Shared) -> None:
+    body = {"model": shared.model, "name": "borrowed"}
+    with shared.http(shared.b) as http:
+        assert_error(http.post("/v1/deployments", json=body), 404)  # no grant: no such model
+    with shared.http(shared.a) as http:
+        response = http.post(
+            "/v1/grants",
+            json={
+                "grantee": shared.b.id,
+                "object_type": "model",
+                "object_id": shared.model,
+                "version": 1,
+                "permission": "use",
+            },
+        )
+    assert response.status_code == 201, response.text
+    made = response.json()
+    client = openai.OpenAI(
+        base_url=f"{shared.server.base_url}/v1", api_key=shared.b.api_key, max_retries=0
+    )
+    assert client.models.retrieve(shared.model).owned_by == shared.a.name
+    assert shared.model in [m.id for m in client.models.list()]
+    with shared.http(shared.b) as http:
+        created = http.post("/v1/deployments", json=body)
+        assert created.status_code == 201, created.text
+        answer = predict(http, "borrowed")
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["registered_model"] == shared.model
+        assert answer.json()["model_version"] == 1
+        # A version the grant does not cover is not B's to deploy.
+        assert_error(http.post("/v1/deployments", json={**body, "name": "v2", "version": 2}), 404)
+    with shared.http(shared.c) as http:  # B's deployment is B's: C sees nothing
+        assert_error(predict(http, "borrowed"), 404)
+        assert_error(predict(http, f"{shared.b.name}/borrowed"), 404)
+    shared.revoke(made["id"])
+    with shared.http(shared.b) as http:  # loaded and routed, yet it stops at once
+        assert_error(predict(http, "borrowed"), 404, "model_not_found")

@@ -88,6 +88,8 @@ def test_a_grantee_trains_on_data_it_cannot_read_and_owns_the_model(
     values = [str(v) for v in FRAME["a"].tolist() + FRAME["b"].tolist() if len(str(v)) >= 6]
     assert len(values) > 100
     assert [v for v in values if v in logs] == []
+    with server.client(a.api_key) as http:
+        assert http.delete(f"/v1/grants/{made['id']}").status_code == 200
 
 
 def test_a_revoked_grant_fails_the_next_job_and_stops_a_running_one(

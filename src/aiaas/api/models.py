@@ -15,7 +15,9 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 async def get_catalog(platform: PlatformDep) -> ModelCatalog:
-    return ModelCatalog(platform.inference, platform.registry, platform.deployments)
+    return ModelCatalog(
+        platform.inference, platform.registry, platform.deployments, platform.grants
+    )
 
 
 CatalogDep = Annotated[ModelCatalog, Depends(get_catalog)]

@@ -1,7 +1,12 @@
 """The Open Inference Protocol v2 for deployed models: health, metadata, readiness, infer.
 
-`{name}` is a deployment's name in the caller's organisation; `/versions/{v}` pins a version of
-the deployed model (without it, the deployment's target or canary answers).
+`{name}` is a deployment's name in the caller's organisation, or `<owner org>/<name>` for another
+organisation's deployment shared with it (so `{name}` may hold a slash); `/versions/{v}` pins a
+version of the deployed model (without it, the deployment's target or canary answers).
+
+Routes match in the order they are defined, and `{name:path}` takes any path: each route with a
+longer suffix is defined before the shorter ones it would otherwise shadow (versioned before
+unversioned, the bare metadata route last).
 """
 
 from __future__ import annotations
@@ -80,14 +85,7 @@ async def _metadata(
     )
 
 
-@router.get("/models/{name}", response_model=ModelMetadata)
-async def model_metadata(
-    name: ModelPath, ctx: ModelsReadCtxDep, predictions: PredictionsDep
-) -> ModelMetadata:
-    return await _metadata(predictions, ctx.org_id, name, None)
-
-
-@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata)
+@router.get("/models/{name:path}/versions/{version}", response_model=ModelMetadata)
 async def model_version_metadata(
     name: ModelPath, version: VersionPath, ctx: ModelsReadCtxDep, predictions: PredictionsDep
 ) -> ModelMetadata:
@@ -101,19 +99,19 @@ async def _ready(
     return ModelReady(name=name, ready=ready)
 
 
-@router.get("/models/{name}/ready", response_model=ModelReady)
+@router.get("/models/{name:path}/versions/{version}/ready", response_model=ModelReady)
+async def model_version_ready(
+    name: ModelPath, version: VersionPath, ctx: ModelsReadCtxDep, predictions: PredictionsDep
+) -> ModelReady:
+    return await _ready(predictions, ctx.org_id, name, int(version))
+
+
+@router.get("/models/{name:path}/ready", response_model=ModelReady)
 async def model_ready(
     name: ModelPath, ctx: ModelsReadCtxDep, predictions: PredictionsDep
 ) -> ModelReady:
     """Whether the model (its target and any canary) is loaded; asking starts loading it."""
     return await _ready(predictions, ctx.org_id, name, None)
-
-
-@router.get("/models/{name}/versions/{version}/ready", response_model=ModelReady)
-async def model_version_ready(
-    name: ModelPath, version: VersionPath, ctx: ModelsReadCtxDep, predictions: PredictionsDep
-) -> ModelReady:
-    return await _ready(predictions, ctx.org_id, name, int(version))
 
 
 async def _infer(
@@ -149,7 +147,19 @@ async def _infer(
     )
 
 
-@router.post("/models/{name}/infer", response_model=InferenceResponse)
+@router.post("/models/{name:path}/versions/{version}/infer", response_model=InferenceResponse)
+async def infer_version(
+    name: ModelPath,
+    version: VersionPath,
+    body: InferenceRequest,
+    ctx: InferenceCtxDep,
+    predictions: PredictionsDep,
+    call: OipCallDep,
+) -> InferenceResponse:
+    return await _infer(predictions, ctx.org_id, name, int(version), body, call)
+
+
+@router.post("/models/{name:path}/infer", response_model=InferenceResponse)
 async def infer(
     name: ModelPath,
     body: InferenceRequest,
@@ -160,13 +170,8 @@ async def infer(
     return await _infer(predictions, ctx.org_id, name, None, body, call)
 
 
-@router.post("/models/{name}/versions/{version}/infer", response_model=InferenceResponse)
-async def infer_version(
-    name: ModelPath,
-    version: VersionPath,
-    body: InferenceRequest,
-    ctx: InferenceCtxDep,
-    predictions: PredictionsDep,
-    call: OipCallDep,
-) -> InferenceResponse:
-    return await _infer(predictions, ctx.org_id, name, int(version), body, call)
+@router.get("/models/{name:path}", response_model=ModelMetadata)
+async def model_metadata(
+    name: ModelPath, ctx: ModelsReadCtxDep, predictions: PredictionsDep
+) -> ModelMetadata:
+    return await _metadata(predictions, ctx.org_id, name, None)

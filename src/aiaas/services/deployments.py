@@ -26,7 +26,7 @@ from aiaas.domain import (
     SharedKind,
     Target,
 )
-from aiaas.errors import InvalidRequest, NotFound
+from aiaas.errors import InvalidRequest, ModelNotFound, NotFound
 from aiaas.ids import new_id
 from aiaas.services.audit import AuditService
 from aiaas.services.grants import GrantService
@@ -43,6 +43,11 @@ class _Resolved:
     canary: ModelVersion | None
     valid_until: float  # time.monotonic()
 
+    @property
+    def model_org_id(self) -> str:
+        """Whose registry the served versions are in (another org's for a shared model)."""
+        return self.target.org_id
+
 
 _ROUTE_LIMIT = 10_000
 
@@ -54,11 +59,9 @@ class Routed:
     deployment: Deployment
     version: ModelVersion
     canary: bool
-    grant: Grant | None = None  # set when the caller uses another organisation's deployment
-
-    @property
-    def owner_org_id(self) -> str:
-        return self.deployment.org_id
+    # The grant the call goes through: another organisation's deployment (the caller's `use`
+    # grant), or the caller's deployment of another organisation's model (its model grant).
+    grant: Grant | None = None
 
 
 class DeploymentService:
@@ -131,11 +134,12 @@ class DeploymentService:
         return updated
 
     def _check(self, org_id: str, spec: DeploymentSpec) -> None:
-        """Every target must name something that exists now (a later alias move is fine)."""
-        self._registry.resolve(org_id=org_id, model_id=spec.model_id, target=spec.target)
-        if spec.canary is not None:
-            self._registry.resolve(org_id=org_id, model_id=spec.model_id, target=spec.canary)
-        elif spec.canary_percent:
+        """Every target must name something that exists now (a later alias move is fine) and
+        that the organisation may serve: its own model, or one it holds a `use` grant on."""
+        targets = [spec.target, *([spec.canary] if spec.canary is not None else [])]
+        for target in targets:
+            self._resolve_model(org_id, spec.model_id, target)
+        if spec.canary is None and spec.canary_percent:
             raise InvalidRequest("canary_percent needs a canary target.", param="canary")
 
     def get(self, *, org_id: str, deployment_id: str) -> Deployment:
@@ -174,10 +178,10 @@ class DeploymentService:
         if version is None:
             return self._pick(*self._resolved(org_id, name), split=split)
         deployment, grant = self._named(org_id, name)
-        pinned = self._registry.resolve(
-            org_id=deployment.org_id, model_id=deployment.model_id, target=Target(version=version)
+        pinned, model_grant = self._resolve_model(
+            deployment.org_id, deployment.model_id, Target(version=version)
         )
-        return Routed(deployment, pinned, canary=False, grant=grant)
+        return Routed(deployment, pinned, canary=False, grant=grant or model_grant)
 
     def _pick(self, resolved: _Resolved, grant: Grant | None, *, split: bool) -> Routed:
         canary = resolved.canary
@@ -228,11 +232,31 @@ class DeploymentService:
     def _granted(self, org_id: str, resolved: _Resolved) -> tuple[bool, Grant | None]:
         """Whether a cached route still answers `org_id`, and the grant it answers through
         now: checked on every request (the grant service's own cache bounds how long a revoke
-        takes), so a revoked grant stops a loaded, routed deployment too."""
-        if resolved.deployment.org_id == org_id:
-            return True, None
-        grant = self._grant(org_id, resolved.deployment)
-        return grant is not None, grant
+        takes), so a revoked grant stops a loaded, routed deployment too. Both grants count:
+        the caller's on another org's deployment, and the deployment's org's on another org's
+        model."""
+        deployment = resolved.deployment
+        grant = None
+        if deployment.org_id != org_id:
+            grant = self._grant(org_id, deployment)
+            if grant is None:
+                return False, None
+        if resolved.model_org_id != deployment.org_id:
+            versions = [resolved.target, *([resolved.canary] if resolved.canary else [])]
+            model_grants = [
+                self._grants.access(
+                    org_id=deployment.org_id,
+                    kind=SharedKind.MODEL,
+                    object_id=deployment.model_id,
+                    needed=GrantPermission.USE,
+                    version=v.version,
+                )
+                for v in versions
+            ]
+            if any(g is None for g in model_grants):
+                return False, None
+            grant = grant or model_grants[0]
+        return True, grant
 
     def shared_with(self, org_id: str) -> list[tuple[Deployment, str, Grant]]:
         """Other organisations' deployments `org_id` may use: (deployment, owner name, grant)."""
@@ -247,6 +271,34 @@ class DeploymentService:
                 found.append((deployment, owner.name, grant))
         return found
 
+    def _model_org(self, org_id: str, model_id: str) -> str:
+        """Whose registry holds `model_id`: the organisation's own, or another's (any grant is
+        checked per version by `_resolve_model`)."""
+        with self._db.read() as conn:
+            owner = registry_repo.owner_of_model(conn, model_id)
+        return owner if owner is not None and owner != org_id else org_id
+
+    def _resolve_model(
+        self, org_id: str, model_id: str, target: Target
+    ) -> tuple[ModelVersion, Grant | None]:
+        """The version `target` names, for a deployment of `org_id`: its own model's, or a
+        shared model's through a `use` grant that covers that version (else a 404, as if the
+        model did not exist)."""
+        owner = self._model_org(org_id, model_id)
+        if owner == org_id:
+            return self._registry.resolve(org_id=org_id, model_id=model_id, target=target), None
+        version = self._registry.resolve(org_id=owner, model_id=model_id, target=target)
+        grant = self._grants.access(
+            org_id=org_id,
+            kind=SharedKind.MODEL,
+            object_id=model_id,
+            needed=GrantPermission.USE,
+            version=version.version,
+        )
+        if grant is None:
+            raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
+        return version, grant
+
     def _resolved(self, org_id: str, name: str) -> tuple[_Resolved, Grant | None]:
         key = (org_id, name)
         cached = self._routes.get(key)
@@ -255,22 +307,22 @@ class DeploymentService:
             if allowed:
                 return cached, grant
         deployment, grant = self._named(org_id, name)
-        model_id, owner = deployment.model_id, deployment.org_id
+        org, model_id = deployment.org_id, deployment.model_id
+        target, model_grant = self._resolve_model(org, model_id, deployment.target)
+        canary = None
+        if deployment.canary is not None:
+            canary, _ = self._resolve_model(org, model_id, deployment.canary)
         resolved = _Resolved(
             deployment=deployment,
-            target=self._registry.resolve(
-                org_id=owner, model_id=model_id, target=deployment.target
-            ),
-            canary=self._registry.resolve(org_id=owner, model_id=model_id, target=deployment.canary)
-            if deployment.canary is not None
-            else None,
+            target=target,
+            canary=canary,
             valid_until=time.monotonic() + self._cache_s,
         )
         if self._cache_s > 0:
             if len(self._routes) >= _ROUTE_LIMIT:
                 self._routes.clear()
             self._routes[key] = resolved
-        return resolved, grant
+        return resolved, grant or model_grant
 
     def cached_route(self, *, org_id: str, name: str) -> Routed | None:
         """`route` from memory only, when the deployment was resolved recently (else None)."""
@@ -292,17 +344,16 @@ class DeploymentService:
         canary = routed.deployment.canary
         if version is None and canary is not None:
             versions.append(
-                self._registry.resolve(
-                    org_id=routed.owner_org_id, model_id=routed.deployment.model_id, target=canary
-                )
+                self._resolve_model(routed.deployment.org_id, routed.deployment.model_id, canary)[0]
             )
         return versions
 
     def versions(self, *, deployment: Deployment) -> list[int]:
         """The versions of the model a deployment serves (its owner's, whoever asks)."""
         with self._db.read() as conn:
+            owner = registry_repo.owner_of_model(conn, deployment.model_id) or deployment.org_id
             page = registry_repo.list_versions(
-                conn, org_id=deployment.org_id, model_id=deployment.model_id, after=None, limit=1000
+                conn, org_id=owner, model_id=deployment.model_id, after=None, limit=1000
             )
         return [v.version for v in page.items]
 

@@ -324,8 +324,9 @@ class GrantService:
         ]
         if not usable:
             return None
-        # A grant to the org itself wins over a public one (its caps and usage are the org's).
-        usable.sort(key=lambda g: (g.public, -g.permission.rank))
+        # A grant to the org itself wins over a public one (its caps and usage are the org's),
+        # then the most permissive, then the newest.
+        usable.sort(key=lambda g: (g.public, -g.permission.rank, -g.created_at))
         return usable[0]
 
     def reaching(self, *, org_id: str, kind: SharedKind, needed: GrantPermission) -> list[Grant]:

@@ -165,6 +165,14 @@ def get_model(conn: Connection, *, org_id: str, model_id: str) -> RegisteredMode
     return _model(conn, row) if row else None
 
 
+def owner_of_model(conn: Connection, model_id: str) -> str | None:
+    """The organisation a ready model belongs to, whoever asks (for a grant check)."""
+    row = conn.execute(
+        select(models.c.org_id).where(models.c.id == model_id, models.c.status == State.READY.value)
+    ).first()
+    return row.org_id if row else None
+
+
 def list_models(
     conn: Connection, *, org_id: str, after: str | None = None, limit: int = 1000
 ) -> Page[RegisteredModel]:
