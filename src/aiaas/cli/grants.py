@@ -24,14 +24,16 @@ def _when(stamp: int | None) -> str:
     return datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%d %H:%M")
 
 
-def _print_grants(grants: list[dict[str, Any]]) -> None:
-    table = Table("id", "owner", "grantee", "object", "version", "permission", "status", "expires")
+def _print_grants(grants: list[dict[str, Any]], *, received: bool = False) -> None:
+    """One row a grant; the other party is the owner (received) or the grantee (given)."""
+    table = Table("id", "owner" if received else "grantee", "object", "version", "permission")
+    table.add_column("status")
+    table.add_column("expires")
     for g in grants:
         table.add_row(
             *cells(
                 g["id"],
-                g["organization_id"],
-                g["grantee"],
+                g["organization_id"] if received else g["grantee"],
                 f"{g['object_type']} {g['object_id']}",
                 g["version"] or "all",
                 g["permission"],
@@ -98,7 +100,7 @@ def list_grants(
     if as_json:
         typer.echo(json.dumps(page["data"]))
     else:
-        _print_grants(page["data"])
+        _print_grants(page["data"], received=received)
 
 
 @grants_app.command("revoke")
