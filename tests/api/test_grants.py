@@ -175,3 +175,21 @@ def test_a_public_grant_is_in_every_organisations_catalogue_until_revoked(
     with server.client(c.api_key) as http:
         entries = http.get("/v1/catalog", params={"limit": 100}).json()["data"]
     assert public["id"] not in [e["id"] for e in entries]
+
+
+def test_deleting_an_object_revokes_its_grants(
+    server: Server, three: tuple[Org, Org, Org, dict[str, Any]]
+) -> None:
+    a, b, c, _dataset = three
+    doomed = make_dataset(server, a, "doomed.csv", tabular_csv(40), label_column="label")
+    made = grant(
+        server, a, grantee="*", object_type="dataset", object_id=doomed["id"], permission="read"
+    )
+    with server.client(a.api_key) as http:
+        assert http.delete(f"/v1/datasets/{doomed['id']}").status_code == 200
+        assert http.get(f"/v1/grants/{made['id']}").json()["status"] == "revoked"
+    with server.client(c.api_key) as http:
+        entries = http.get("/v1/catalog", params={"limit": 100}).json()["data"]
+    assert made["id"] not in [e["id"] for e in entries]
+    with server.client(b.api_key) as http:
+        assert_error(http.get(f"/v1/datasets/{doomed['id']}"), 404)

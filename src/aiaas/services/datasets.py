@@ -450,6 +450,10 @@ class DatasetService:
                 project_id=dataset.project_id,
                 data={"name": dataset.name},
             )
+            if self._grants is not None:  # its grants end with it
+                self._grants.revoke_all_on(
+                    conn, org_id=org_id, kind=SharedKind.DATASET, object_id=dataset_id, actor=actor
+                )
         for version_id, blob_key in versions:
             self._drop_version(version_id, blob_key)
         with self._db.write() as conn:

@@ -160,6 +160,13 @@ class DeploymentService:
                 raise NotFound(f"No deployment with id {deployment_id!r}.", param="deployment_id")
             repo.remove(conn, deployment_id=deployment_id)
             self._record(conn, actor, found, "deployment.deleted")
+            self._grants.revoke_all_on(  # its grants end with it
+                conn,
+                org_id=org_id,
+                kind=SharedKind.DEPLOYMENT,
+                object_id=deployment_id,
+                actor=actor,
+            )
         self.forget_routes()
         return found
 

@@ -368,6 +368,10 @@ class RegistryService:
                 project_id=model.project_id,
                 data={"versions": len(versions)},
             )
+            if self._grants is not None:  # its grants end with it
+                self._grants.revoke_all_on(
+                    conn, org_id=org_id, kind=SharedKind.MODEL, object_id=model_id, actor=actor
+                )
         for version_id, _ in versions:
             self._drop_version(org_id, version_id)
         with self._db.write() as conn:
