@@ -344,28 +344,9 @@ class DatasetService:
                 return org_id, []
         if self._grants is None:
             return None
-        grant = self._grants.access(
-            org_id=org_id,
-            kind=SharedKind.DATASET,
-            object_id=dataset_id,
-            needed=GrantPermission.READ,
-            version=version,
+        return self._grants.reading(
+            org_id=org_id, kind=SharedKind.DATASET, object_id=dataset_id, version=version
         )
-        if grant is not None:
-            grants = [grant]
-        elif version is None:  # the dataset as a whole: a grant on one of its versions shows it
-            grants = [
-                g
-                for g in self._grants.reaching(
-                    org_id=org_id, kind=SharedKind.DATASET, needed=GrantPermission.READ
-                )
-                if g.object_id == dataset_id
-            ]
-        else:
-            grants = []
-        if not grants or grants[0].org_id == org_id:
-            return None
-        return grants[0].org_id, grants
 
     def _shared(self, conn: Connection, org_id: str) -> list[Shown]:
         """Other organisations' datasets that `read` grants reach `org_id` with."""

@@ -329,6 +329,33 @@ class GrantService:
         usable.sort(key=lambda g: (g.public, -g.permission.rank, -g.created_at))
         return usable[0]
 
+    def reading(
+        self, *, org_id: str, kind: SharedKind, object_id: str, version: int | None
+    ) -> tuple[str, list[Grant]] | None:
+        """The owner of another organisation's object `org_id` may read, and the `read` grants
+        that let it: the one for `version`, or (`version` None: the object as a whole) every
+        grant on any of its versions; None when none does."""
+        grant = self.access(
+            org_id=org_id,
+            kind=kind,
+            object_id=object_id,
+            needed=GrantPermission.READ,
+            version=version,
+        )
+        if grant is not None:
+            grants = [grant]
+        elif version is None:
+            grants = [
+                g
+                for g in self.reaching(org_id=org_id, kind=kind, needed=GrantPermission.READ)
+                if g.object_id == object_id
+            ]
+        else:
+            grants = []
+        if not grants or grants[0].org_id == org_id:
+            return None
+        return grants[0].org_id, grants
+
     def reaching(self, *, org_id: str, kind: SharedKind, needed: GrantPermission) -> list[Grant]:
         """Every active grant of `kind` that lets `org_id` do `needed`: for listings."""
         at = now()

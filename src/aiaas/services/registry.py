@@ -21,7 +21,6 @@ from aiaas.domain import (
     Actor,
     Artifact,
     Grant,
-    GrantPermission,
     ModelAlias,
     ModelVersion,
     Page,
@@ -218,28 +217,9 @@ class RegistryService:
                 return org_id, []
         if self._grants is None:
             return None
-        grant = self._grants.access(
-            org_id=org_id,
-            kind=SharedKind.MODEL,
-            object_id=model_id,
-            needed=GrantPermission.READ,
-            version=version,
+        return self._grants.reading(
+            org_id=org_id, kind=SharedKind.MODEL, object_id=model_id, version=version
         )
-        if grant is not None:
-            grants = [grant]
-        elif version is None:  # the model as a whole: a grant on one of its versions shows it
-            grants = [
-                g
-                for g in self._grants.reaching(
-                    org_id=org_id, kind=SharedKind.MODEL, needed=GrantPermission.READ
-                )
-                if g.object_id == model_id
-            ]
-        else:
-            grants = []
-        if not grants or grants[0].org_id == org_id:
-            return None
-        return grants[0].org_id, grants
 
     def open_artifact(self, version: ModelVersion, name: str) -> tuple[Artifact, Iterator[bytes]]:
         artifact = version.artifacts.get(name)
