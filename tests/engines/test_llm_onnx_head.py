@@ -18,17 +18,24 @@ from aiaas.engines.llm.model import LlamaModel
 from aiaas.engines.llm.params import SamplingParams
 from aiaas.engines.llm.quantize import requantize
 
-from .conftest import Run, started_engine
+from .conftest import Run, common_greedy_prefix, started_engine, unstarted_engine
 
 TIMEOUT_S = 120
-# Texts that repeat themselves: their greedy continuations are far from near-ties, where two
-# heads' last bits could pick different tokens.
+# Texts that repeat themselves. Their greedy continuations are mostly far from near-ties, where
+# the last bits of the logits pick the token, but not all: SmolLM2's of the second ("one two four
+# three, ...") has " four" 0.023 above " three" at its 11th token.
 PROMPTS = [
     "red green blue, " * 6 + "red green",
     "Counting: one two three four, one two three four, one two three four, one two",
     "Monday Tuesday Wednesday, Monday Tuesday Wednesday, Monday Tuesday",
     "a b c d e f g, a b c d e f g, a b c d",
 ]
+
+
+# Most the gap between a position's top two may differ between the two heads given the same
+# hidden states, summed over both (common_greedy_prefix): teacher-forced over 256 greedy
+# positions of each bundled model, ONNX Runtime's and llama.cpp's gaps were within 0.005.
+HEAD_NEAR_TIE = 0.1
 
 
 def _exact(path: Path, model: LlamaModel, hidden: np.ndarray) -> np.ndarray:
@@ -65,13 +72,18 @@ def _engine(model: LlamaModel, *, onnx_head: bool, drafts: int = 0) -> LlmEngine
     return started_engine(model, onnx_head=onnx_head, draft_tokens=drafts, draft_policy="always")
 
 
-def _run_all(engine: LlmEngine, model: LlamaModel, params: SamplingParams) -> list[Run]:
+def _run_all(
+    engine: LlmEngine, model: LlamaModel, params: SamplingParams, *, start: bool = False
+) -> list[Run]:
+    """Every prompt at once, then their runs; `start`: start the engine once all are queued."""
     runs = []
     for prompt in PROMPTS:
         run = Run()
         tokens = model.tokenize(prompt, add_special=True)
         engine.submit(engine.request(tokens, params, max_new_tokens=24, sink=run.sink))
         runs.append(run)
+    if start:
+        engine.start()
     for run in runs:
         assert run.done.wait(TIMEOUT_S)
         assert run.failed is None, run.failed
@@ -82,13 +94,16 @@ def _run_all(engine: LlmEngine, model: LlamaModel, params: SamplingParams) -> li
 def test_concurrent_streams_get_the_same_tokens_and_logprobs_from_either_head(
     name: str, request: pytest.FixtureRequest
 ) -> None:
+    """The four requests wait until the engine starts, so with either head it runs the very same
+    steps (the same rows together, the same KV cells): what differs is the head alone. (How
+    many rows share a step moves the logits much more than the head does, conftest.NEAR_TIE.)"""
     model: LlamaModel = request.getfixturevalue(name)
     params = SamplingParams(temperature=0.0, max_tokens=24, logprobs=3)
     results = {}
     for onnx_head in (True, False):
-        engine = _engine(model, onnx_head=onnx_head)
+        engine = unstarted_engine(model, onnx_head=onnx_head)
         try:
-            results[onnx_head] = _run_all(engine, model, params)
+            results[onnx_head] = _run_all(engine, model, params, start=True)
             stats = engine.stats()
         finally:
             engine.close()
@@ -97,9 +112,8 @@ def test_concurrent_streams_get_the_same_tokens_and_logprobs_from_either_head(
         else:
             assert stats.onnx_head_steps == 0
     for ours, llamas in zip(results[True], results[False], strict=True):
-        assert ours.text == llamas.text
-        assert [lp.token for lp in ours.logprobs] == [lp.token for lp in llamas.logprobs]
-        for a, b in zip(ours.logprobs, llamas.logprobs, strict=True):
+        shared = common_greedy_prefix(ours, llamas, near_tie=HEAD_NEAR_TIE)
+        for a, b in zip(ours.logprobs[:shared], llamas.logprobs[:shared], strict=True):
             assert a.logprob == pytest.approx(b.logprob, abs=0.35)
 
 
