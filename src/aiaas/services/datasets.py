@@ -39,13 +39,14 @@ from aiaas.ids import new_id, now
 from aiaas.privacy.pii import PiiDetector
 from aiaas.services.audit import AuditService
 from aiaas.services.files import FileService
-from aiaas.services.grants import GrantService
+from aiaas.services.grants import GrantService, covers_every_version, granted_versions
 from aiaas.storage.blobs import EncryptedBlobStore
 from aiaas.storage.db import Database
 from aiaas.storage.repos import datasets as repo
 from aiaas.storage.repos import jobs as jobs_repo
 from aiaas.storage.repos import registry as registry_repo
 from aiaas.storage.repos import tenancy as tenancy_repo
+from aiaas.storage.repos.paging import after_cursor, page_in_memory
 
 log = logging.getLogger("aiaas.datasets")
 
@@ -296,10 +297,7 @@ class DatasetService:
                 items = [Shown(d) for d in page.items]
             shared = self._shared(conn, org_id)
         if not own_cursor:
-            ids = [s.dataset.id for s in shared]
-            if after not in ids:
-                raise InvalidRequest(f"no object with id {after!r} to page after", param="after")
-            shared = shared[ids.index(after) + 1 :]
+            shared = after_cursor(shared, after, id_of=lambda s: s.dataset.id)
         room = limit - len(items)
         return Page(items=items + shared[:room], has_more=len(shared) > room)
 
@@ -326,12 +324,12 @@ class DatasetService:
         with self._db.read() as conn:
             if repo.get_dataset(conn, org_id=owner, dataset_id=dataset_id) is None:
                 raise _no_dataset(dataset_id)
-            if _every_version(grants):
+            if covers_every_version(grants):
                 return repo.list_versions(
                     conn, org_id=owner, dataset_id=dataset_id, after=after, limit=limit
                 )
             versions = _granted_versions(conn, owner, dataset_id, grants)
-        return _page_of(versions, after=after, limit=limit)
+        return page_in_memory(versions, after=after, limit=limit, id_of=lambda v: v.id)
 
     def _readable(
         self, org_id: str, dataset_id: str, version: int | None = None
@@ -369,7 +367,7 @@ class DatasetService:
         if not grants:
             return Shown(dataset)
         owner = tenancy_repo.get_org(conn, dataset.org_id)
-        if not _every_version(grants):
+        if not covers_every_version(grants):
             versions = _granted_versions(conn, dataset.org_id, dataset.id, grants)
             latest = versions[-1].version if versions else None
             dataset = replace(dataset, latest_version=latest)
@@ -479,32 +477,15 @@ def _refuse_if_used(conn: Connection, version_ids: list[str], *, what: str) -> N
         )
 
 
-def _every_version(grants: list[Grant]) -> bool:
-    """Own (no grants), or a grant on the dataset as a whole."""
-    return not grants or any(g.version is None for g in grants)
-
-
 def _granted_versions(
     conn: Connection, owner: str, dataset_id: str, grants: list[Grant]
 ) -> list[DatasetVersion]:
     """The ready versions that version grants name, oldest first."""
-    numbers = sorted({g.version for g in grants if g.version is not None})
     found = [
-        repo.get_version(conn, org_id=owner, dataset_id=dataset_id, version=n) for n in numbers
+        repo.get_version(conn, org_id=owner, dataset_id=dataset_id, version=n)
+        for n in granted_versions(grants)
     ]
     return [v for v in found if v is not None]
-
-
-def _page_of(
-    versions: list[DatasetVersion], *, after: str | None, limit: int
-) -> Page[DatasetVersion]:
-    """A page of an in-memory list, with the same cursor rules as the repositories'."""
-    if after is not None:
-        ids = [v.id for v in versions]
-        if after not in ids:
-            raise InvalidRequest(f"no object with id {after!r} to page after", param="after")
-        versions = versions[ids.index(after) + 1 :]
-    return Page(items=versions[:limit], has_more=len(versions) > limit)
 
 
 def _no_dataset(dataset_id: str) -> NotFound:

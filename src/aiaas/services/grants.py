@@ -429,5 +429,15 @@ class GrantService:
         )
 
 
+def covers_every_version(grants: list[Grant]) -> bool:
+    """Own (no grants), or a grant on the object as a whole rather than on some versions."""
+    return not grants or any(g.version is None for g in grants)
+
+
+def granted_versions(grants: list[Grant]) -> list[int]:
+    """The version numbers that one-version grants name, oldest first."""
+    return sorted({g.version for g in grants if g.version is not None})
+
+
 def _no_grant(grant_id: str) -> NotFound:
     return NotFound(f"No grant with id {grant_id!r}.", param="grant_id")

@@ -28,14 +28,15 @@ from aiaas.domain import (
     SharedKind,
     Target,
 )
-from aiaas.errors import Conflict, InvalidRequest, NotFound
+from aiaas.errors import Conflict, NotFound
 from aiaas.ids import new_id, now
 from aiaas.services.audit import AuditService
-from aiaas.services.grants import GrantService
+from aiaas.services.grants import GrantService, covers_every_version, granted_versions
 from aiaas.storage.blobs import EncryptedBlobStore
 from aiaas.storage.db import Database
 from aiaas.storage.repos import deployments as deployments_repo
 from aiaas.storage.repos import registry as repo
+from aiaas.storage.repos.paging import page_in_memory
 
 log = logging.getLogger("aiaas.registry")
 
@@ -190,21 +191,16 @@ class RegistryService:
         owner, grants = reach
         with self._db.read() as conn:
             self._model_in(conn, owner, model_id)
-            if not grants or any(g.version is None for g in grants):
+            if covers_every_version(grants):
                 return repo.list_versions(
                     conn, org_id=owner, model_id=model_id, after=after, limit=limit
                 )
-            numbers = sorted({g.version for g in grants if g.version is not None})
             found = [
-                repo.get_version(conn, org_id=owner, model_id=model_id, version=n) for n in numbers
+                repo.get_version(conn, org_id=owner, model_id=model_id, version=n)
+                for n in granted_versions(grants)
             ]
         versions = [v for v in found if v is not None]
-        if after is not None:
-            ids = [v.id for v in versions]
-            if after not in ids:
-                raise InvalidRequest(f"no object with id {after!r} to page after", param="after")
-            versions = versions[ids.index(after) + 1 :]
-        return Page(items=versions[:limit], has_more=len(versions) > limit)
+        return page_in_memory(versions, after=after, limit=limit, id_of=lambda v: v.id)
 
     def _readable(
         self, org_id: str, model_id: str, version: int | None = None

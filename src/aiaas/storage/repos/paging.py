@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Connection, Row, Table, select
 
+from aiaas.domain import Page
 from aiaas.errors import InvalidRequest
+
+T = TypeVar("T")
 
 
 def fetch_page(
@@ -31,3 +34,22 @@ def fetch_page(
     order = table.c.seq.desc() if newest_first else table.c.seq.asc()
     rows = list(conn.execute(query.order_by(order).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
+
+
+def after_cursor(items: Sequence[T], after: str | None, *, id_of: Callable[[T], str]) -> list[T]:
+    """The items that follow the one whose id is `after` (all of them when None), with the same
+    cursor rule as `fetch_page`: an id not among them is a 400."""
+    if after is None:
+        return list(items)
+    ids = [id_of(item) for item in items]
+    if after not in ids:
+        raise InvalidRequest(f"no object with id {after!r} to page after", param="after")
+    return list(items[ids.index(after) + 1 :])
+
+
+def page_in_memory(
+    items: Sequence[T], *, after: str | None, limit: int, id_of: Callable[[T], str]
+) -> Page[T]:
+    """A page of a list already in memory, paged like the repositories' lists."""
+    rest = after_cursor(items, after, id_of=id_of)
+    return Page(items=rest[:limit], has_more=len(rest) > limit)
