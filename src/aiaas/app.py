@@ -22,10 +22,12 @@ from aiaas.api import (
     datasets,
     deployments,
     embeddings,
+    explanations,
     files,
     fine_tuning,
     grants,
     health,
+    imports,
     llm,
     models,
     oip,
@@ -41,6 +43,7 @@ from aiaas.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from aiaas.domain import IssuedKey
 from aiaas.platform import Platform
 from aiaas.protocol.platform import ErrorResponse
+from aiaas.services.imports import MAX_TOKENIZER_BYTES
 from aiaas.settings import Settings
 
 _ERROR_RESPONSES: dict[str, str] = {
@@ -90,7 +93,13 @@ def create_app(settings: Settings) -> FastAPI:
         BodyLimitMiddleware,
         max_bytes=settings.max_request_bytes,
         # An upload is limited by its file size (plus room for the multipart framing).
-        overrides={("POST", "/v1/files"): settings.max_file_bytes + 64 * 1024},
+        overrides={
+            ("POST", "/v1/files"): settings.max_file_bytes + 64 * 1024,
+            # A model and, for an encoder, its tokenizer.json (their own limits apply as well).
+            ("POST", "/v1/models/import"): settings.max_import_bytes
+            + MAX_TOKENIZER_BYTES
+            + (1 << 20),
+        },
     )
     app.add_middleware(RequestContextMiddleware)
     for router in (
@@ -100,10 +109,12 @@ def create_app(settings: Settings) -> FastAPI:
         files.router,
         datasets.router,
         fine_tuning.router,
+        imports.router,  # before models: its routes take any path under /v1/models
         registry.router,
         deployments.router,
         models.router,  # after registry and deployments: its retrieve route takes any path
         predictions.router,
+        explanations.router,
         optimisations.router,
         oip.router,
         organizations.router,

@@ -6,10 +6,10 @@ it applies migrations, loads the secrets and builds the services. It holds no bu
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +18,9 @@ from aiaas.engines.classic.pool import ClassicPool
 from aiaas.engines.embeddings.export import minilm_l6_v2_dir
 from aiaas.engines.llm.bundled import BUNDLED_GGUF
 from aiaas.engines.llm.engine import EngineConfig
+from aiaas.engines.llm.residency import LlmResidency
 from aiaas.engines.pool import EmbedderSpec, LlmSpec, ModelPool
-from aiaas.errors import ApiError, ConfigurationError
+from aiaas.errors import ConfigurationError
 from aiaas.observability.metrics import Metrics
 from aiaas.scheduling.batcher import BatcherConfig
 from aiaas.scheduling.fair import make_policy
@@ -28,12 +29,15 @@ from aiaas.services.bundles import BundleService
 from aiaas.services.datasets import DatasetService
 from aiaas.services.deployments import DeploymentService
 from aiaas.services.embeddings import DeployedEncoders, EmbeddingService
+from aiaas.services.explanations import ExplanationService
 from aiaas.services.files import FileService
 from aiaas.services.grants import GrantService
+from aiaas.services.imports import ImportService
 from aiaas.services.inference import InferenceService
 from aiaas.services.jobs import JobService
 from aiaas.services.keys import KeyService
 from aiaas.services.limits import RateLimiter
+from aiaas.services.llm_models import LlmModels
 from aiaas.services.metering import Metering
 from aiaas.services.optimisations import OptimisationService
 from aiaas.services.predictions import PredictionService
@@ -88,6 +92,8 @@ class Platform:
     bundles: BundleService
     optimisations: OptimisationService
     grants: GrantService
+    imports: ImportService
+    explanations: ExplanationService
     runner: JobRunner | None = None
 
     @classmethod
@@ -152,21 +158,27 @@ class Platform:
         )
         metrics.watch_classic_pool(predictions.pool_stats)
         pool = ModelPool(
-            EngineConfig(
-                n_slots=settings.llm_slots,
-                n_ctx=settings.llm_kv_cells,
-                context_length=settings.llm_context_length,
-                n_batch=settings.llm_batch,
-                n_threads=settings.llm_threads,
-                max_waiting=settings.llm_max_waiting,
-                headroom_slots=settings.llm_headroom_slots,
-                preempt_budget=settings.llm_preempt_budget,
-                prefix_cache_entries=settings.llm_prefix_cache_entries,
-                draft_tokens=settings.llm_draft_tokens,
-                onnx_head=settings.llm_onnx_head,
+            LlmResidency(
+                EngineConfig(
+                    n_slots=settings.llm_slots,
+                    n_ctx=settings.llm_kv_cells,
+                    context_length=settings.llm_context_length,
+                    n_batch=settings.llm_batch,
+                    n_threads=settings.llm_threads,
+                    max_waiting=settings.llm_max_waiting,
+                    headroom_slots=settings.llm_headroom_slots,
+                    preempt_budget=settings.llm_preempt_budget,
+                    prefix_cache_entries=settings.llm_prefix_cache_entries,
+                    draft_tokens=settings.llm_draft_tokens,
+                    onnx_head=settings.llm_onnx_head,
+                ),
+                budget_bytes=settings.llm_memory_budget_bytes,
+                scheduling=settings.scheduling,
+                observer=metrics.llm_residency,
             ),
             scheduling=settings.scheduling,
         )
+        metrics.watch_llm_residency(pool.residency.resident, pool.residency.budget_bytes)
         metrics.watch_engines(lambda: [(m.id, m.engine.stats()) for m in pool.llms()])
         metrics.watch_batchers(
             lambda: [
@@ -175,6 +187,13 @@ class Platform:
             ]
         )
         metrics.watch_jobs(jobs.counts_by_state)
+        inference = InferenceService(
+            pool,
+            LlmModels(pool, registry, grants, cache_s=settings.route_cache_s),
+            metering,
+            metrics,
+        )
+        grants.on_revoke(inference.withdraw_grant)
         return cls(
             settings=settings,
             db=db,
@@ -188,7 +207,7 @@ class Platform:
             metrics=metrics,
             readiness=Readiness(),
             pool=pool,
-            inference=InferenceService(pool, metrics),
+            inference=inference,
             embeddings=EmbeddingService(
                 pool,
                 metrics,
@@ -210,10 +229,17 @@ class Platform:
             predictions=predictions,
             metering=metering,
             bundles=BundleService(registry),
-            optimisations=OptimisationService(
-                db, registry, jobs, audit, llm_file=functools.partial(_llm_file, pool)
-            ),
+            optimisations=OptimisationService(db, registry, jobs, audit, llm_file=pool.llm_file),
             grants=grants,
+            imports=ImportService(
+                db,
+                registry,
+                files,
+                audit,
+                max_bytes=settings.max_import_bytes,
+                threads=settings.classic_threads,
+            ),
+            explanations=ExplanationService(db, blobs, audit, predictions, registry, jobs),
         )
 
     def start_models(self) -> None:
@@ -262,22 +288,14 @@ class Platform:
         self.db.close()
 
 
-def _llm_file(pool: ModelPool, model_id: str) -> Path | None:
-    """The GGUF file of a served LLM (None: no such LLM is loaded)."""
-    try:
-        return pool.llm(model_id).model.info.path
-    except ApiError:
-        return None
-
-
 def model_specs(settings: Settings) -> list[LlmSpec | EmbedderSpec]:
     """The models to load: the bundled ones named in AIAAS_MODELS, then AIAAS_GGUF_MODELS."""
     cache = settings.data_dir / "models"
     specs: list[LlmSpec | EmbedderSpec] = []
+    gguf: dict[str, Callable[[], Path]] = {}
     for model_id in settings.model_ids:
         if model_id in BUNDLED_GGUF:
-            locate = BUNDLED_GGUF[model_id]
-            specs.append(LlmSpec(id=model_id, locate=functools.partial(locate, cache)))
+            gguf[model_id] = functools.partial(BUNDLED_GGUF[model_id], cache)
         elif model_id == MINILM_ID:
             specs.append(
                 EmbedderSpec(
@@ -298,17 +316,24 @@ def model_specs(settings: Settings) -> list[LlmSpec | EmbedderSpec]:
                 f"AIAAS_MODELS names {model_id!r}; bundled models are {', '.join(BUNDLED_MODELS)}"
             )
     for model_id, path in settings.extra_gguf.items():
-        specs.append(LlmSpec(id=model_id, locate=functools.partial(Path, path)))
+        gguf[model_id] = functools.partial(Path, path)
     templates = settings.chat_template_files
-    unknown = set(templates) - {spec.id for spec in specs}
-    if unknown:
-        raise ConfigurationError(f"AIAAS_CHAT_TEMPLATES names models not loaded: {sorted(unknown)}")
-    return [
-        dataclasses.replace(spec, chat_template=_read_template(templates[spec.id]))
-        if spec.id in templates and isinstance(spec, LlmSpec)
-        else spec
-        for spec in specs
+    checks = {"AIAAS_CHAT_TEMPLATES": set(templates), "AIAAS_LLM_PINNED": settings.pinned_llms}
+    for what, named in checks.items():
+        unknown = named - set(gguf)
+        if unknown:
+            raise ConfigurationError(f"{what} names models not served: {sorted(unknown)}")
+    specs += [
+        LlmSpec.from_path(
+            model_id,
+            path,
+            chat_template=_read_template(templates[model_id]) if model_id in templates else None,
+            pinned=model_id in settings.pinned_llms,
+        )
+        for model_id, path in gguf.items()
     ]
+    order = [*settings.model_ids, *settings.extra_gguf]  # load in the order they are named
+    return sorted(specs, key=lambda spec: order.index(spec.id))
 
 
 def _read_template(path: Path) -> str:

@@ -108,6 +108,18 @@ class Settings(BaseSettings):
     llm_max_waiting: int = Field(
         default=256, ge=1, description="Queued requests per model before 429."
     )
+    llm_memory_budget_mb: int | None = Field(
+        default=None,
+        ge=1,
+        description="Memory the loaded LLMs may hold together (weights + KV cache + ONNX head, "
+        "measured at load). A request for a model that is not loaded loads it, unloading the "
+        "least recently used idle models first. Default: half of this machine's memory.",
+    )
+    llm_pinned: str = Field(
+        default="",
+        description="Comma-separated ids from AIAAS_MODELS / AIAAS_GGUF_MODELS that are "
+        "loaded at start and never unloaded to make room.",
+    )
     # fp32 by default: int8's dynamic activation scales are per batch, so a request's vector
     # would shift with whatever other tenants' inputs share its batch.
     embeddings_variant: Literal["fp32", "int8"] = Field(
@@ -152,6 +164,12 @@ class Settings(BaseSettings):
     )
     max_file_bytes: int = Field(
         default=512 * 1024 * 1024, ge=1024, description="Largest file one upload may carry."
+    )
+    max_import_mb: int = Field(
+        default=8192,
+        ge=1,
+        description="Largest model file one import may carry (POST /v1/models/import); it is "
+        "held in memory while it is checked and stored.",
     )
     max_dataset_bytes: int = Field(
         default=256 * 1024 * 1024,
@@ -227,8 +245,22 @@ class Settings(BaseSettings):
         return self.blob_url or f"file://{self.data_dir / 'blobs'}"
 
     @property
+    def max_import_bytes(self) -> int:
+        return self.max_import_mb << 20
+
+    @property
     def model_ids(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()]
+
+    @property
+    def pinned_llms(self) -> set[str]:
+        return {m.strip() for m in self.llm_pinned.split(",") if m.strip()}
+
+    @property
+    def llm_memory_budget_bytes(self) -> int:
+        if self.llm_memory_budget_mb is not None:
+            return self.llm_memory_budget_mb << 20
+        return _physical_memory() // 2
 
     @property
     def extra_gguf(self) -> dict[str, Path]:
@@ -252,3 +284,10 @@ def _id_paths(value: str, name: str) -> dict[str, Path]:
             raise ValueError(f"{name} entry {entry!r} is not 'id=/path'")
         out[model_id.strip()] = Path(path.strip()).expanduser()
     return out
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 8 << 30

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import openai
 import pytest
 from safetensors.numpy import load as load_safetensors
 
@@ -279,6 +280,18 @@ def test_a_gguf_llm_is_requantised_and_measured(llm_server: Server) -> None:
     by_number = {v["version"]: v for v in versions}
     assert by_number[q8["version"]]["lineage"]["quant_type"] == "Q8_0"
     assert by_number[q4["version"]]["artifacts"][0]["name"] == "model.gguf"
+    # The newest re-quantised version is served by its model id, decrypted into memory.
+    client = openai.OpenAI(base_url=f"{llm_server.base_url}/v1", api_key=org.api_key, max_retries=0)
+    reply = client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
+    )
+    assert reply.model == name and reply.choices[0].message.content
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    # Another organisation cannot call it: 404, as if it did not exist.
+    other = create_org(llm_server)
+    with llm_server.client(other.api_key) as http:
+        body = {"model": name, "messages": [{"role": "user", "content": "hi"}]}
+        assert_error(http.post("/v1/chat/completions", json=body), 404, "model_not_found")
     shown = run(llm_server, org.api_key, "optimise", "show", done["id"])
     assert shown.returncode == 0 and "Q8_0" in shown.stdout and "perplexity" in shown.stdout
 

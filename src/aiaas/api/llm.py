@@ -51,7 +51,7 @@ async def create_chat_completion(
     inference: InferenceServiceDep,
 ) -> ChatCompletion | StreamingResponse:
     call.model = body.model
-    gens = await inference.chat(call.principal, body)
+    gens = await inference.chat(call, body)
     serving = ChatServing(body, gens, call)
     if body.stream:
         return event_stream(serving.stream())
@@ -66,7 +66,7 @@ async def create_completion(
     inference: InferenceServiceDep,
 ) -> Completion | StreamingResponse:
     call.model = body.model
-    gens = await inference.complete(call.principal, body)
+    gens = await inference.complete(call, body)
     serving = CompletionServing(body, gens, call)
     if body.stream:
         return event_stream(serving.stream())

@@ -132,15 +132,16 @@ async def _infer(
         call=call,
     )
     call.count(model=name, items=int(logits.shape[0]) if logits.ndim else 1)
+    output = served.loaded.model.outputs[0]  # "logits" (trained), or an imported model's own
     return InferenceResponse(
         model_name=name,
         model_version=str(served.routed.version.version),
         id=body.id,
         outputs=[
             ResponseOutput(
-                name="logits",
+                name=output.name,
                 shape=list(logits.shape),
-                datatype="FP32",
+                datatype=output.datatype,
                 data=logits.reshape(-1).tolist(),
             )
         ],

@@ -29,7 +29,19 @@ datasets_app = typer.Typer(help="Datasets: versioned tables made from files.", n
 _PURPOSES = ("fine-tune", "batch", "dataset", "user_data")
 
 
-class _ProgressReader:
+def upload_progress(*, disable: bool = False) -> Progress:
+    """The progress display of an upload, on stderr (files, model imports)."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    return Progress(*columns, console=Console(stderr=True), disable=disable)
+
+
+class ProgressReader:
     """A read-only file that advances a progress bar as the HTTP client reads it."""
 
     def __init__(self, file: BinaryIO, progress: Progress, task: TaskID) -> None:
@@ -59,20 +71,13 @@ def files_upload(
     if purpose not in _PURPOSES:
         raise typer.BadParameter(f"purpose must be one of {', '.join(_PURPOSES)}")
     size = path.stat().st_size
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
     with (
         client(base_url, api_key) as http,
         path.open("rb") as file,
-        Progress(*columns, console=Console(stderr=True), disable=as_json) as progress,
+        upload_progress(disable=as_json) as progress,
     ):
         task = progress.add_task(f"uploading {path.name}", total=size)
-        reader = _ProgressReader(file, progress, task)
+        reader = ProgressReader(file, progress, task)
         body = checked(
             http.post(
                 "/v1/files",

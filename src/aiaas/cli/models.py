@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -15,6 +16,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from rich.table import Table
 from rich.text import Text
 
+from aiaas.cli.data import ProgressReader, upload_progress
 from aiaas.cli.remote import ApiKey, AsJson, BaseUrl, cells, checked, client
 
 models_app = typer.Typer(
@@ -90,6 +92,108 @@ def models_alias(
             http.put(f"{_path(model)}/aliases/{quote(alias)}", json={"version": version})
         )
     Console().print(Text(f"{found['model']}: {found['alias']} -> version {found['version']}"))
+
+
+_FORMATS = ("gguf", "onnx", "sentence-embedding")
+
+
+@models_app.command("import")
+def models_import(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, dir_okay=False, readable=True, help="The model file: .gguf or .onnx."
+        ),
+    ],
+    name: Annotated[str, typer.Option(help="The model's name; its id is <name>:<org slug>.")],
+    model_format: Annotated[
+        str | None,
+        typer.Option("--format", help=f"One of {', '.join(_FORMATS)} (default: detected)."),
+    ] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, readable=True, help="Sentence embedding: tokenizer.json."
+        ),
+    ] = None,
+    signature: Annotated[
+        str | None,
+        typer.Option(help="ONNX: the signature as JSON, or @file.json."),
+    ] = None,
+    pooling: Annotated[
+        str | None, typer.Option(help="Sentence embedding: mean (default), cls or max.")
+    ] = None,
+    normalize: Annotated[
+        bool | None,
+        typer.Option("--normalize/--no-normalize", help="Sentence embedding: unit vectors."),
+    ] = None,
+    max_seq_length: Annotated[
+        int | None, typer.Option(help="Sentence embedding: longer inputs are truncated.")
+    ] = None,
+    chat_template: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="GGUF: a Jinja chat template file (default: the GGUF's own).",
+        ),
+    ] = None,
+    project: Annotated[str | None, typer.Option(help="The project (default: the key's).")] = None,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Import your own model (GGUF, ONNX with a signature, or an ONNX sentence encoder with its
+    tokenizer.json) as a new version of <name>, uploading it with a progress bar."""
+    if model_format is not None and model_format not in _FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(_FORMATS)}")
+    fields: dict[str, str] = {"name": name}
+    if signature is not None:
+        fields["signature"] = _json_option(signature, "--signature")
+    if chat_template is not None:
+        fields["chat_template"] = chat_template.read_text(encoding="utf-8")
+    options = {
+        "format": model_format,
+        "pooling": pooling,
+        "max_seq_length": max_seq_length,
+        "project_id": project,
+        "normalize": None if normalize is None else str(normalize).lower(),
+    }
+    fields |= {key: str(value) for key, value in options.items() if value is not None}
+    uploads = {"file": path, **({"tokenizer": tokenizer} if tokenizer is not None else {})}
+    with (
+        client(base_url, api_key) as http,
+        ExitStack() as stack,
+        upload_progress(disable=as_json) as progress,
+    ):
+        parts = {}
+        for part, source in uploads.items():
+            task = progress.add_task(f"uploading {source.name}", total=source.stat().st_size)
+            reader = ProgressReader(stack.enter_context(source.open("rb")), progress, task)
+            parts[part] = (source.name, reader, "application/octet-stream")
+        created = checked(http.post("/v1/models/import", data=fields, files=parts))
+    if as_json:
+        typer.echo(json.dumps(created))
+        return
+    detected = created["metadata"]
+    about = ", ".join(
+        f"{key} {detected[key]}"
+        for key in ("architecture", "file_type", "context_length", "task", "dimension")
+        if detected.get(key) is not None
+    )
+    line = f"{created['model']}  version {created['version']}  ({created['format']}; {about})"
+    Console().print(Text(line))
+
+
+def _json_option(value: str, option: str) -> str:
+    """JSON given inline or as @file, checked here so a typo fails before the upload."""
+    text = Path(value[1:]).read_text(encoding="utf-8") if value.startswith("@") else value
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"{option} is not valid JSON: {exc}") from exc
+    return text
 
 
 def deploy(

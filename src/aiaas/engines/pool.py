@@ -1,7 +1,9 @@
-"""The model pool: which models are loaded, what each can do, and whether it is ready.
+"""The model pool: which models can be served, which are loaded, and whether they are ready.
 
-Loading happens in a background thread after start so `/health` can answer 503 while a model
-loads; a request for a model that is still loading gets 503 too.
+LLMs are loaded on demand under a memory budget (`engines/llm/residency.py`); the configured
+ones (bundled, `AIAAS_GGUF_MODELS`) are loaded at start while they fit, pinned ones first.
+Embedding models load in a background thread after start, so `/health` can answer 503 while a
+model loads; a request for an embedding model that is still loading gets 503 too.
 """
 
 from __future__ import annotations
@@ -10,46 +12,21 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 
 from aiaas.engines.embeddings.encoder import InMemoryEncoder, SentenceEncoder
 from aiaas.engines.embeddings.export import ExportedModel, Variant, export_sentence_encoder
-from aiaas.engines.llm.chat_template import ChatTemplate
-from aiaas.engines.llm.engine import EngineConfig, LlmEngine
-from aiaas.engines.llm.model import LlamaModel
+from aiaas.engines.llm.residency import LlmLease, LlmResidency, LlmSpec, LoadedLlm
 from aiaas.errors import ConfigurationError, InvalidRequest, ModelNotFound, ServiceUnavailable
 from aiaas.scheduling.batcher import BatcherConfig, DynamicBatcher
 from aiaas.scheduling.fair import SchedulingMode, make_policy
 
+__all__ = ["EmbedderSpec", "LlmSpec", "LoadedEmbedder", "LoadedLlm", "ModelPool"]
+
 log = logging.getLogger("aiaas.engines.pool")
-
-M = TypeVar("M")
-
-
-@dataclass
-class LoadedLlm:
-    id: str
-    engine: LlmEngine
-    template: ChatTemplate | None
-    created: int
-    owned_by: str = "aiaas"
-
-    @property
-    def model(self) -> LlamaModel:
-        return self.engine.model
-
-
-@dataclass(frozen=True, slots=True)
-class LlmSpec:
-    """How to load one GGUF model."""
-
-    id: str
-    locate: Callable[[], Path]
-    chat_template: str | None = None  # overrides the GGUF's own, if given
 
 
 @dataclass
@@ -100,33 +77,39 @@ def serve_encoder(
     return LoadedEmbedder(id=id, encoder=encoder, batcher=batcher, created=created)
 
 
-@dataclass
 class ModelPool:
-    config: EngineConfig
-    scheduling: SchedulingMode = "fair"
-    _llms: dict[str, LoadedLlm] = field(default_factory=dict)
-    _embedders: dict[str, LoadedEmbedder] = field(default_factory=dict)
-    _loading: set[str] = field(default_factory=set)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self, llms: LlmResidency, *, scheduling: SchedulingMode = "fair") -> None:
+        self.residency = llms
+        self.scheduling: SchedulingMode = scheduling
+        self._configured: dict[str, LlmSpec] = {}  # served LLM id -> how to load it
+        self._embedders: dict[str, LoadedEmbedder] = {}
+        self._loading: set[str] = set()  # embedders (and configured LLMs) loading at start
+        self._lock = threading.Lock()
 
     def load_in_background(
         self, specs: list[LlmSpec | EmbedderSpec], on_done: Callable[[str], None]
     ) -> threading.Thread:
+        """Load the configured models: pinned LLMs, then the others in order, LLMs while they
+        fit the budget (the rest load on their first request)."""
+        llms = [spec for spec in specs if isinstance(spec, LlmSpec)]
         with self._lock:
+            self._configured.update((spec.id, spec) for spec in llms)
             self._loading.update(spec.id for spec in specs)
+        pinned = [spec for spec in llms if spec.pinned]
+        ordered = [*pinned, *(spec for spec in specs if spec not in pinned)]
 
         def load_all() -> None:
-            for spec in specs:
+            for spec in ordered:
                 try:
                     if isinstance(spec, EmbedderSpec):
                         self.load_embedder(spec)
+                    elif spec.pinned or self._fits(spec):
+                        self.residency.load(spec)
                     else:
-                        self.load_llm(spec)
-                except ConfigurationError as exc:
-                    log.error("could not load model %s: %s", spec.id, exc)
-                except Exception:  # the loader's top level: one bad model must not
-                    # stop the others from loading or leave /health at 503 for ever
-                    log.exception("loading model %s failed", spec.id)
+                        log.info("model %s waits for its first request: over budget", spec.id)
+                except Exception as exc:  # noqa: BLE001 - the loader's top level: one bad model
+                    # must not stop the others or leave /health at 503 for ever
+                    self._failed(spec, exc)
                 finally:
                     with self._lock:
                         self._loading.discard(spec.id)
@@ -136,32 +119,21 @@ class ModelPool:
         thread.start()
         return thread
 
-    def load_llm(self, spec: LlmSpec) -> LoadedLlm:
-        started = time.perf_counter()
-        model = LlamaModel(spec.locate())
-        engine = LlmEngine(model, self.config, name=spec.id, policy=make_policy(self.scheduling))
-        try:
-            engine.start()
-        except BaseException:
-            model.close()
-            raise
-        source = spec.chat_template or model.info.chat_template
-        template = (
-            ChatTemplate(source, bos_token=model.info.bos_text, eos_token=model.info.eos_text)
-            if source
-            else None
-        )
-        loaded = LoadedLlm(id=spec.id, engine=engine, template=template, created=int(time.time()))
+    def _failed(self, spec: LlmSpec | EmbedderSpec, exc: Exception) -> None:
+        """A configured model that cannot load is not served (nor listed): logged, dropped."""
+        if isinstance(exc, ConfigurationError):
+            log.error("could not load model %s: %s", spec.id, exc)
+        else:
+            log.error("loading model %s failed", spec.id, exc_info=exc)
         with self._lock:
-            self._llms[spec.id] = loaded
-        log.info(
-            "loaded model %s (%s) in %.1f s",
-            spec.id,
-            model.info.description,
-            time.perf_counter() - started,
-            extra={"model": spec.id, "context_length": engine.context_length},
-        )
-        return loaded
+            self._configured.pop(spec.id, None)
+
+    def _fits(self, spec: LlmSpec) -> bool:
+        source = spec.locate()
+        try:
+            return self.residency.would_fit(source.file.size, spec.id)
+        finally:
+            source.file.close()
 
     def load_embedder(self, spec: EmbedderSpec) -> LoadedEmbedder:
         started = time.perf_counter()
@@ -188,49 +160,64 @@ class ModelPool:
         return loaded
 
     def embedder(self, model_id: str) -> LoadedEmbedder:
-        return self._find(
-            self._embedders,
-            model_id,
-            wrong_kind="is a text-generation model; it does not serve embeddings",
-            code="model_not_embedding",
-        )
+        with self._lock:
+            loaded = self._embedders.get(model_id)
+            loading = model_id in self._loading
+            llm = model_id in self._configured
+        if loaded is not None:
+            return loaded
+        if loading and not llm:
+            raise ServiceUnavailable(f"The model '{model_id}' is still loading.", retry_after=2)
+        if llm:
+            raise InvalidRequest(
+                f"The model '{model_id}' is a text-generation model; it does not serve embeddings.",
+                param="model",
+                code="model_not_embedding",
+            )
+        raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
 
     def embedders(self) -> list[LoadedEmbedder]:
         with self._lock:
             return list(self._embedders.values())
 
-    def llm(self, model_id: str) -> LoadedLlm:
-        return self._find(
-            self._llms,
-            model_id,
-            wrong_kind="is an embedding model; use /v1/embeddings",
-            code="model_not_generative",
-        )
-
-    def _find(self, table: dict[str, M], model_id: str, *, wrong_kind: str, code: str) -> M:
-        """The loaded model, or the error that says why not: loading, other kind, unknown."""
+    def configured_llm(self, model_id: str) -> LlmSpec | None:
+        """A configured (bundled or settings-named) LLM by its id; an embedding model's id is
+        a 400 that says to use /v1/embeddings; None for any other id."""
         with self._lock:
-            loaded = table.get(model_id)
-            loading = model_id in self._loading
-            known = model_id in self._llms or model_id in self._embedders
-        if loaded is not None:
-            return loaded
-        if loading:
-            raise ServiceUnavailable(f"The model '{model_id}' is still loading.", retry_after=2)
-        if known:
-            raise InvalidRequest(f"The model '{model_id}' {wrong_kind}.", param="model", code=code)
-        raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
+            spec = self._configured.get(model_id)
+            embedder = model_id in self._embedders or (model_id in self._loading and spec is None)
+        if spec is None and embedder:
+            raise InvalidRequest(
+                f"The model '{model_id}' is an embedding model; use /v1/embeddings.",
+                param="model",
+                code="model_not_generative",
+            )
+        return spec
+
+    def configured_llms(self) -> list[LlmSpec]:
+        with self._lock:
+            return list(self._configured.values())
+
+    async def acquire_llm(self, spec: LlmSpec) -> LlmLease:
+        return await self.residency.acquire(spec)
 
     def llms(self) -> list[LoadedLlm]:
+        """The LLMs loaded now."""
+        return self.residency.loaded()
+
+    def llm_file(self, model_id: str) -> Path | None:
+        """The GGUF file of a configured LLM (None: no such LLM)."""
         with self._lock:
-            return list(self._llms.values())
+            spec = self._configured.get(model_id)
+        if spec is None:
+            return None
+        source = spec.locate()
+        source.file.close()
+        return None if source.file.in_memory else source.file.path
 
     def close(self) -> None:
         with self._lock:
-            loaded, self._llms = list(self._llms.values()), {}
             embedders, self._embedders = list(self._embedders.values()), {}
         for embedder in embedders:
             embedder.batcher.close()
-        for llm in loaded:
-            llm.engine.close()
-            llm.model.close()
+        self.residency.close()

@@ -16,6 +16,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from aiaas.engines.llm.params import EngineStats
+from aiaas.engines.llm.residency import ResidentModel
 from aiaas.scheduling.batcher import BATCH_SIZE_BUCKETS, BatcherStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -87,12 +88,20 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.llm_residency = _ResidencyEvents(self.registry)
+
         self.predictions = Counter(
             "aiaas_predictions",
             "Rows predicted by deployed models, by deployment name, version and organisation.",
             ["model", "version", "org", "route"],
             registry=self.registry,
         )
+
+    def watch_llm_residency(
+        self, source: Callable[[], Iterable[ResidentModel]], budget_bytes: int
+    ) -> None:
+        """Export the memory each loaded LLM holds, and the budget they share."""
+        self.registry.register(_ResidencyCollector(source, budget_bytes))
 
     def watch_classic_pool(self, source: Callable[[], tuple[int, int, int]]) -> None:
         """Export the trained-model pool: (models loaded, bytes they hold, evictions so far)."""
@@ -300,3 +309,56 @@ class _JobsCollector(Collector):
         for org, state, count in self._source():
             jobs.add_metric([org, state], count)
         yield jobs
+
+
+class _ResidencyEvents:
+    """LLM loads and unloads, as the residency manager reports them (its observer)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.loads = Counter(
+            "aiaas_llm_loads",
+            "LLMs loaded (at start, on demand, by an admin).",
+            ["model"],
+            registry=registry,
+        )
+        self.load_seconds = Histogram(
+            "aiaas_llm_load_seconds",
+            "Time to load an LLM: open the GGUF, start the engine, decode a first token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.unloads = Counter(
+            "aiaas_llm_unloads",
+            "LLMs unloaded, by reason (budget: to make room for another; admin: on request).",
+            ["model", "reason"],
+            registry=registry,
+        )
+
+    def loaded(self, model: str, seconds: float, resident_bytes: int) -> None:
+        self.loads.labels(model=model).inc()
+        self.load_seconds.labels(model=model).observe(seconds)
+
+    def unloaded(self, model: str, reason: str) -> None:
+        self.unloads.labels(model=model, reason=reason).inc()
+
+
+class _ResidencyCollector(Collector):
+    def __init__(self, source: Callable[[], Iterable[ResidentModel]], budget_bytes: int) -> None:
+        self._source = source
+        self._budget = budget_bytes
+
+    def collect(self) -> Iterator[Metric]:
+        resident = GaugeMetricFamily(
+            "aiaas_llm_resident_bytes",
+            "Memory a loaded LLM holds (its GGUF plus what its load added), measured at load.",
+            labels=["model", "key"],
+        )
+        for model in self._source():  # key: the version id of a registered model
+            resident.add_metric([model.id, model.key], model.resident_bytes)
+        yield resident
+        yield GaugeMetricFamily(
+            "aiaas_llm_memory_budget_bytes",
+            "Memory the loaded LLMs may hold together (AIAAS_LLM_MEMORY_BUDGET_MB).",
+            value=self._budget,
+        )

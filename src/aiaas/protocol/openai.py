@@ -51,6 +51,19 @@ class ModelList(BaseModel):
 # -- shared sampling fields ------------------------------------------------------------------
 
 
+class ModelResidency(BaseModel):
+    """Whether a language model is loaded, and what it holds (`/v1/models/{id}/load`)."""
+
+    id: str
+    object: Literal["model.residency"] = "model.residency"
+    loaded: bool
+    pinned: bool = False
+    resident_bytes: int | None = Field(
+        default=None, description="Memory it holds: its GGUF plus what its load added."
+    )
+    load_seconds: float | None = None
+
+
 class StreamOptions(Request):
     include_usage: bool = False
 

@@ -38,6 +38,15 @@ class BundleService:
         """The bundle of a version `org_id` owns or holds a `read` grant on (NotFound for any
         other)."""
         found = self._registry.read_version(org_id=org_id, model_id=model_id, version=version)
+        if "preprocessing.json" not in found.artifacts and (
+            {"signature.json", "model.gguf", "encoder.onnx"} & set(found.artifacts)
+        ):
+            raise InvalidRequest(
+                f"Version {version} of '{model_id}' is an imported model: edge bundles are not "
+                "supported for imported models (download its artifacts instead).",
+                param="model",
+                code="not_supported_for_imported_models",
+            )
         if "model.onnx" not in found.artifacts:
             raise InvalidRequest(
                 f"Version {version} of '{model_id}' has no ONNX graph to bundle.", param="model"

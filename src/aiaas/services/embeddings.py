@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -13,7 +15,7 @@ from aiaas.domain import ModelVersion, Principal
 from aiaas.engines.embeddings.encoder import InMemoryEncoder
 from aiaas.engines.embeddings.export import PoolingConfig, minilm_l6_v2_dir
 from aiaas.engines.pool import LoadedEmbedder, ModelPool, serve_encoder
-from aiaas.errors import InvalidRequest, ModelNotFound
+from aiaas.errors import InvalidRequest, ModelNotFound, NotFound
 from aiaas.observability.metrics import Metrics
 from aiaas.protocol.openai import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from aiaas.scheduling.batcher import BatcherConfig
@@ -22,14 +24,25 @@ from aiaas.services.deployments import DeploymentService
 from aiaas.services.registry import RegistryService
 
 ENCODER = "encoder.onnx"
+TOKENIZER = "tokenizer.json"  # an imported encoder's own; fine-tuned MiniLMs use the bundled one
+_VERSION_CACHE_LIMIT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class _Latest:
+    version: ModelVersion
+    valid_until: float  # time.monotonic()
 
 
 class DeployedEncoders:
-    """Fine-tuned sentence encoders served from their organisation's deployments.
+    """Sentence encoders of an organisation's registry: fine-tuned and imported ones.
 
-    A deployment whose version carries an `encoder.onnx` (a MiniLM fine-tuned by a training job)
-    answers `/v1/embeddings` under its name: the graph is decrypted into memory, tokenised and
-    pooled exactly like the bundled encoder. The `capacity` most recently used stay loaded.
+    A version that carries an `encoder.onnx` (a MiniLM fine-tuned by a training job, or an
+    encoder imported with its tokenizer.json) answers `/v1/embeddings` under the name of a
+    deployment serving it, or under its model id (its newest version), for its own organisation
+    only. The graph is decrypted into memory, tokenised with the version's own tokenizer.json
+    (the bundled MiniLM's for fine-tuned ones) and pooled as its encoder.json says. The
+    `capacity` most recently used stay loaded.
     """
 
     def __init__(
@@ -41,6 +54,7 @@ class DeployedEncoders:
         batch: BatcherConfig,
         capacity: int = 4,
         scheduling: SchedulingMode = "fair",
+        cache_s: float = 1.0,
     ) -> None:
         self._scheduling: SchedulingMode = scheduling
         self._deployments = deployments
@@ -50,16 +64,17 @@ class DeployedEncoders:
         self._capacity = capacity
         self._loaded: OrderedDict[str, LoadedEmbedder] = OrderedDict()
         self._load_lock = asyncio.Lock()
+        # (org, model id) -> its newest version, for `cache_s`: resolving takes two queries.
+        self._cache_s = cache_s
+        self._latest: dict[tuple[str, str], _Latest] = {}
+        registry.on_change(self._latest.clear)
 
     async def get(self, org_id: str, name: str) -> LoadedEmbedder:
-        routed = self._deployments.cached_route(
-            org_id=org_id, name=name
-        ) or await asyncio.to_thread(self._deployments.route, org_id=org_id, name=name)
-        version = routed.version
+        version = await self._version(org_id, name)
         if ENCODER not in version.artifacts:
             raise InvalidRequest(
-                f"The model '{name}' does not serve embeddings: only fine-tuned sentence "
-                "encoders (all-minilm-l6-v2) do.",
+                f"The model '{name}' does not serve embeddings: only sentence encoders "
+                "(fine-tuned all-minilm-l6-v2, or imported with format sentence-embedding) do.",
                 param="model",
                 code="model_not_embedding",
             )
@@ -74,12 +89,50 @@ class DeployedEncoders:
             self._loaded.move_to_end(version.id)
         return found
 
+    async def _version(self, org_id: str, name: str) -> ModelVersion:
+        """The version answering `name`: a deployment's, else the newest of the org's model."""
+        routed = self._deployments.cached_route(org_id=org_id, name=name)
+        if routed is not None:
+            return routed.version
+        cached = self._latest.get((org_id, name))
+        if cached is not None and time.monotonic() < cached.valid_until:
+            return cached.version
+        try:
+            routed = await asyncio.to_thread(self._deployments.route, org_id=org_id, name=name)
+            return routed.version
+        except NotFound as not_deployed:
+            version = await asyncio.to_thread(self._newest, org_id, name)
+            if version is None:
+                raise not_deployed
+        if self._cache_s > 0:
+            if len(self._latest) >= _VERSION_CACHE_LIMIT:
+                self._latest.clear()
+            self._latest[(org_id, name)] = _Latest(version, time.monotonic() + self._cache_s)
+        return version
+
+    def _newest(self, org_id: str, model_id: str) -> ModelVersion | None:
+        """The newest version of `org_id`'s own model `model_id` (None: it has no such model)."""
+        model = self._registry.find_model(org_id=org_id, model_id=model_id)
+        if model is None or model.latest_version is None:
+            return None
+        try:
+            return self._registry.get_version(
+                org_id=org_id, model_id=model_id, version=model.latest_version
+            )
+        except NotFound:  # deleted in between
+            return None
+
     def _load(self, version: ModelVersion, name: str) -> LoadedEmbedder:
         about = json.loads(self._registry.read_artifact(version, "encoder.json"))
+        tokenizer = (
+            self._registry.read_artifact(version, TOKENIZER)
+            if TOKENIZER in version.artifacts
+            else minilm_l6_v2_dir() / "tokenizer.json"
+        )
         return serve_encoder(
             InMemoryEncoder(
                 graph=self._registry.read_artifact(version, ENCODER),
-                tokenizer=minilm_l6_v2_dir() / "tokenizer.json",
+                tokenizer=tokenizer,
                 pooling=PoolingConfig(**about["pooling"]),
             ),
             id=name,

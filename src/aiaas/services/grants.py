@@ -14,6 +14,7 @@ at once, one made through another replica within `cache_s`, like a revoked key.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import Connection
@@ -80,6 +81,7 @@ class GrantService:
         self._audit = audit
         self._cache_s = cache_s
         self._cache: dict[tuple[str, SharedKind, str], _Cached] = {}
+        self._revoke_listeners: list[Callable[[Grant], None]] = []
 
     # -- the owner's side -------------------------------------------------------------------
 
@@ -238,16 +240,29 @@ class GrantService:
                 assert grant is not None
                 self._record(conn, actor, grant, "grant.revoked")
         self.forget()
+        self._revoked([grant])
         return grant
+
+    def on_revoke(self, listener: Callable[[Grant], None]) -> None:
+        """Call `listener` with each grant this process revokes, once its revoke is committed
+        (work queued through it, not yet started, is withdrawn)."""
+        self._revoke_listeners.append(listener)
+
+    def _revoked(self, grants: list[Grant]) -> None:
+        for grant in grants:
+            for listener in self._revoke_listeners:
+                listener(grant)
 
     def revoke_all_on(
         self, conn: Connection, *, org_id: str, kind: SharedKind, object_id: str, actor: Actor
     ) -> None:
         """An object is deleted: its grants end with it (in the caller's transaction)."""
-        for grant in repo.on_object(conn, org_id=org_id, kind=kind, object_id=object_id):
+        ended = repo.on_object(conn, org_id=org_id, kind=kind, object_id=object_id)
+        for grant in ended:
             repo.revoke(conn, grant.id)
             self._record(conn, actor, grant, "grant.revoked", reason="object deleted")
         self.forget()
+        self._revoked(ended)
 
     # -- reading ----------------------------------------------------------------------------
 

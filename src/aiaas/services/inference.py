@@ -12,23 +12,34 @@ import asyncio
 import dataclasses
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from aiaas.domain import Principal
+from aiaas.domain import Grant, Principal
 from aiaas.engines.llm.engine import GenerationRequest, LlmEngine
 from aiaas.engines.llm.grammar import grammar_for_json_schema, json_object_grammar
 from aiaas.engines.llm.params import Delta, Event, Failed, Final, SamplingParams
-from aiaas.engines.pool import LoadedLlm, ModelPool
-from aiaas.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, ServerError
+from aiaas.engines.llm.residency import LlmLease, LoadedLlm
+from aiaas.engines.pool import ModelPool
+from aiaas.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    PermissionDenied,
+    ServerError,
+)
 from aiaas.observability.metrics import Metrics
 from aiaas.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
     Model,
+    ModelResidency,
     ResponseFormat,
     SamplingRequest,
 )
+from aiaas.services.llm_models import LlmModels, ResolvedLlm
+from aiaas.services.metering import MeteredCall, Metering
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +48,7 @@ class PreparedPrompt:
     text: str  # for echo
 
 
-@dataclass
+@dataclass(eq=False)  # by identity: held in weak sets per grant
 class Generations:
     """The n engine requests behind one API request, and their merged event stream."""
 
@@ -47,10 +58,12 @@ class Generations:
     prompts: list[PreparedPrompt]
     n: int
     metrics: Metrics
+    grant_id: str | None = None  # the `use` grant a shared model is called through
     requests: list[GenerationRequest] = field(default_factory=list)
     queue: asyncio.Queue[tuple[int, Event]] = field(default_factory=asyncio.Queue)
     started: float = field(default_factory=time.perf_counter)
     cached_tokens: int = 0  # prompt tokens the prefix cache supplied, over every choice
+    withdrawn: bool = False  # its grant was revoked before it started
     _first_token_seen: bool = False
     _open: int = 0
 
@@ -65,6 +78,10 @@ class Generations:
             while self._open:
                 index, event = await self.queue.get()
                 if isinstance(event, Failed):
+                    if self.withdrawn:  # as if the model had never been shared
+                        raise ModelNotFound(
+                            f"The model '{self.model_id}' does not exist.", param="model"
+                        )
                     raise ServerError(f"Generation failed: {event.message}")
                 if not self._first_token_seen and (isinstance(event, Final) or event.text):
                     self._first_token_seen = True
@@ -90,12 +107,26 @@ class Generations:
         for request in self.requests:
             self.engine.cancel(request)
 
+    def withdraw(self) -> None:
+        """Its grant was revoked: the requests that have not started fail (404); those that
+        run already are left to finish."""
+        self.withdrawn = True
+        for request in self.requests:
+            self.engine.withdraw(request, "The grant this request was made through was revoked.")
+
 
 class InferenceService:
-    def __init__(self, pool: ModelPool, metrics: Metrics) -> None:
+    def __init__(
+        self, pool: ModelPool, models: LlmModels, metering: Metering, metrics: Metrics
+    ) -> None:
         self._pool = pool
+        self._models = models
+        self._metering = metering
         self._metrics = metrics
         self._mailboxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}
+        # grant id -> generations running or queued through it (weak: finished ones go)
+        self._through: dict[str, weakref.WeakSet[Generations]] = {}
+        self._through_lock = threading.Lock()
 
     def _mailbox(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
         mailbox = self._mailboxes.get(loop)
@@ -104,8 +135,20 @@ class InferenceService:
         return mailbox
 
     def models(self) -> list[Model]:
-        loaded = [*self._pool.llms(), *self._pool.embedders()]
-        return [Model(id=m.id, created=m.created, owned_by=m.owned_by) for m in loaded]
+        """The models served to everyone: configured LLMs (loaded or not) and embedders."""
+        llms = [
+            Model(id=spec.id, created=spec.created or 0, owned_by=spec.owned_by)
+            for spec in self._pool.configured_llms()
+        ]
+        loaded = {m.key: m for m in self._pool.llms()}
+        llms = [
+            m.model_copy(update={"created": loaded[m.id].created}) if m.id in loaded else m
+            for m in llms
+        ]
+        embedders = [
+            Model(id=m.id, created=m.created, owned_by=m.owned_by) for m in self._pool.embedders()
+        ]
+        return [*llms, *embedders]
 
     def model(self, model_id: str) -> Model:
         for known in self.models():
@@ -113,36 +156,80 @@ class InferenceService:
                 return known
         raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
 
-    async def chat(self, principal: Principal, request: ChatCompletionRequest) -> Generations:
-        loaded = self._pool.llm(request.model)
-        if loaded.template is None:
-            raise InvalidRequest(
-                f"The model '{loaded.id}' is a base model with no chat template: use "
-                "/v1/completions, or register the model with a chat template.",
-                param="model",
-                code="model_not_chat",
+    async def _acquire(self, call: MeteredCall, model: str) -> LlmLease:
+        """A lease on the model `model` names for the caller, loaded (the wait for a load is
+        the request's); a shared model's grant caps are checked first."""
+        resolved: ResolvedLlm | None = self._models.configured(model)
+        if resolved is None:
+            resolved = await asyncio.to_thread(self._models.resolve, call.principal, model)
+        if resolved.grant is not None:
+            await self._metering.through(call, resolved.grant)
+        return await self._pool.acquire_llm(resolved.spec)
+
+    async def load(self, principal: Principal, model: str) -> ModelResidency:
+        """Load a language model the caller may use, ahead of its traffic."""
+        resolved = await asyncio.to_thread(self._models.resolve, principal, model)
+        lease = await self._pool.acquire_llm(resolved.spec)
+        lease.release()
+        return _residency(lease.llm)
+
+    async def unload(self, principal: Principal, model: str) -> ModelResidency:
+        """Unload a language model now (409 while it serves requests). A configured model is
+        everyone's: only a platform admin unloads it; a registered one, its owner's admins."""
+        resolved = await asyncio.to_thread(self._models.resolve, principal, model)
+        spec = resolved.spec
+        configured = self._models.configured(model) is not None
+        if (configured or resolved.grant is not None) and not principal.is_platform_admin:
+            whose = "every organisation's" if configured else "another organisation's"
+            raise PermissionDenied(
+                f"The model '{model}' is {whose}: only "
+                f"{'a platform admin' if configured else 'its owner'} may unload it."
             )
+        await asyncio.to_thread(self._pool.residency.unload, spec.id)
+        return ModelResidency(id=spec.served_as, loaded=False, pinned=spec.pinned)
 
-        def prepare() -> tuple[SamplingParams, PreparedPrompt]:
-            assert loaded.template is not None
-            params = chat_sampling(request)  # a JSON schema's grammar is CPU work too
-            text = loaded.template.render(request.chat_messages(), add_generation_prompt=True)
-            info = loaded.model.info
-            add_bos = info.add_bos and not (info.bos_text and text.startswith(info.bos_text))
-            return params, PreparedPrompt(loaded.model.tokenize(text, add_special=add_bos), text)
+    async def chat(self, call: MeteredCall, request: ChatCompletionRequest) -> Generations:
+        started = time.perf_counter()  # the first token's time includes a model's load
+        lease = await self._acquire(call, request.model)
+        try:
+            loaded = lease.llm
+            if loaded.template is None:
+                raise InvalidRequest(
+                    f"The model '{loaded.id}' is a base model with no chat template: use "
+                    "/v1/completions, or register the model with a chat template.",
+                    param="model",
+                    code="model_not_chat",
+                )
+            template = loaded.template
 
-        params, prompt = await asyncio.to_thread(prepare)
-        return await self._start(principal, loaded, [prompt], params, request.n, "messages")
+            def prepare() -> tuple[SamplingParams, PreparedPrompt]:
+                params = chat_sampling(request)  # a JSON schema's grammar is CPU work too
+                text = template.render(request.chat_messages(), add_generation_prompt=True)
+                info = loaded.model.info
+                add_bos = info.add_bos and not (info.bos_text and text.startswith(info.bos_text))
+                return params, PreparedPrompt(
+                    loaded.model.tokenize(text, add_special=add_bos), text
+                )
 
-    async def complete(self, principal: Principal, request: CompletionRequest) -> Generations:
-        loaded = self._pool.llm(request.model)
+            params, prompt = await asyncio.to_thread(prepare)
+            return await self._start(call, loaded, [prompt], params, request.n, "messages", started)
+        finally:
+            lease.release()  # submitted: the engine's queue keeps the model busy from here
 
-        def prepare() -> tuple[SamplingParams, list[PreparedPrompt]]:
-            params = completion_sampling(request)
-            return params, [self._completion_prompt(loaded, p) for p in request.prompts()]
+    async def complete(self, call: MeteredCall, request: CompletionRequest) -> Generations:
+        started = time.perf_counter()
+        lease = await self._acquire(call, request.model)
+        try:
+            loaded = lease.llm
 
-        params, prompts = await asyncio.to_thread(prepare)
-        return await self._start(principal, loaded, prompts, params, request.n, "prompt")
+            def prepare() -> tuple[SamplingParams, list[PreparedPrompt]]:
+                params = completion_sampling(request)
+                return params, [self._completion_prompt(loaded, p) for p in request.prompts()]
+
+            params, prompts = await asyncio.to_thread(prepare)
+            return await self._start(call, loaded, prompts, params, request.n, "prompt", started)
+        finally:
+            lease.release()
 
     @staticmethod
     def _completion_prompt(loaded: LoadedLlm, prompt: str | list[int]) -> PreparedPrompt:
@@ -161,12 +248,13 @@ class InferenceService:
 
     async def _start(
         self,
-        principal: Principal,
+        call: MeteredCall,
         loaded: LoadedLlm,
         prompts: list[PreparedPrompt],
         params: SamplingParams,
         n: int,
         prompt_param: str,
+        started: float,
     ) -> Generations:
         engine = loaded.engine
         limit = engine.context_length
@@ -193,9 +281,17 @@ class InferenceService:
                     param=prompt_param,
                 )
             plans.append((prompt, max_new))
+        principal = call.principal
         org = principal.org_id or "platform"
         gens = Generations(
-            engine=engine, model_id=loaded.id, org=org, prompts=prompts, n=n, metrics=self._metrics
+            engine=engine,
+            model_id=loaded.id,
+            org=org,
+            prompts=prompts,
+            n=n,
+            metrics=self._metrics,
+            started=started,
+            grant_id=call.grant.id if call.grant is not None else None,
         )
         mailbox = self._mailbox(asyncio.get_running_loop())
 
@@ -232,7 +328,28 @@ class InferenceService:
             for request in gens.requests:
                 request.release()
             raise
+        if gens.grant_id is not None:
+            with self._through_lock:
+                self._through.setdefault(gens.grant_id, weakref.WeakSet()).add(gens)
         return gens
+
+    def withdraw_grant(self, grant: Grant) -> None:
+        """A grant was revoked: generations queued through it that have not started fail with
+        404, as the next request would (GrantService.on_revoke; any thread)."""
+        with self._through_lock:
+            found = list(self._through.pop(grant.id, ()))
+        for gens in found:
+            gens.withdraw()
+
+
+def _residency(llm: LoadedLlm) -> ModelResidency:
+    return ModelResidency(
+        id=llm.id,
+        loaded=True,
+        pinned=llm.pinned,
+        resident_bytes=llm.resident_bytes,
+        load_seconds=round(llm.load_seconds, 3),
+    )
 
 
 def chat_sampling(request: ChatCompletionRequest) -> SamplingParams:

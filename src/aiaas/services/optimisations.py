@@ -112,6 +112,15 @@ class OptimisationService:
     def _create_gguf(
         self, org_id: str, project_id: str, actor: Actor, request: OptimisationRequest
     ) -> Job:
+        registered = self._registry.find_model(org_id=org_id, model_id=request.model)
+        if registered is not None and registered.task == "text-generation":
+            raise InvalidRequest(
+                f"'{request.model}' is a registered GGUF model (imported or re-quantised): "
+                "re-quantising is supported for the served GGUF LLMs only, not for imported "
+                "models.",
+                param="model",
+                code="not_supported_for_imported_models",
+            )
         path = self._llm_file(request.model)
         if path is None:
             if self._registry.find_model(org_id=org_id, model_id=request.model) is not None:

@@ -4,6 +4,8 @@ A request names a deployment; the deployment service picks the version that answ
 or its canary); the classic pool gives that version's ONNX model, loading it on first use and
 evicting the least recently used under the memory budget; the model's batcher merges concurrent
 requests. Blocking work (database reads, artifact decryption, ONNX loading) runs in threads.
+A version is a model trained here (model.json + preprocessing.json) or an organisation's own
+ONNX graph imported with a declared signature (signature.json), served alike.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from aiaas.domain import Deployment, ModelVersion
+from aiaas.engines.classic.imported import ImportedModel
 from aiaas.engines.classic.model import ClassicModel, Prediction
-from aiaas.engines.classic.pool import ClassicPool, LoadedClassic
+from aiaas.engines.classic.pool import ClassicPool, LoadedClassic, ServedModel
 from aiaas.errors import InvalidRequest
 from aiaas.observability.metrics import Metrics
 from aiaas.protocol.oip import InferenceRequest
@@ -28,8 +31,11 @@ from aiaas.services.deployments import DeploymentService, Routed
 from aiaas.services.metering import MeteredCall, Metering
 from aiaas.services.registry import RegistryService
 from aiaas.specs.preprocessing import ImageStep, PreprocessingSpec, TextStep
+from aiaas.specs.signature import ModelSignature
 
 log = logging.getLogger("aiaas.predictions")
+
+SIGNATURE = "signature.json"  # an imported ONNX model's declared inputs and output
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +186,17 @@ class PredictionService:
     def close(self) -> None:
         self._pool.close()
 
-    def _load(self, version: ModelVersion) -> ClassicModel:
+    def _load(self, version: ModelVersion) -> ServedModel:
+        if SIGNATURE in version.artifacts:  # an imported ONNX model, served by its signature
+            return ImportedModel.load(
+                onnx=self._registry.read_artifact(version, "model.onnx"),
+                signature=ModelSignature.model_validate_json(
+                    self._registry.read_artifact(version, SIGNATURE)
+                ),
+                threads=self._threads,
+            )
+        if "model.json" not in version.artifacts:
+            raise _not_predictive(version)
         description = json.loads(self._registry.read_artifact(version, "model.json"))
         spec = PreprocessingSpec.model_validate_json(
             self._registry.read_artifact(version, "preprocessing.json")
@@ -193,11 +209,35 @@ class PredictionService:
         )
 
 
+def _not_predictive(version: ModelVersion) -> InvalidRequest:
+    """A deployed version that predictions cannot serve: an imported LLM or sentence encoder."""
+    if "model.gguf" in version.artifacts:
+        where = "a language model: call it by its id on /v1/chat/completions or /v1/completions"
+    elif "encoder.onnx" in version.artifacts:
+        where = "a sentence encoder: call it on /v1/embeddings"
+    else:
+        where = (
+            f"not a model /v1/predictions serves (it has {', '.join(sorted(version.artifacts))})"
+        )
+    return InvalidRequest(
+        f"Version {version.version} of '{version.model_id}' is {where}.",
+        param="model",
+        code="model_not_predictive",
+    )
+
+
 def _records_from(
-    model: ClassicModel, texts: list[str] | None, images: list[str] | None
+    model: ServedModel, texts: list[str] | None, images: list[str] | None
 ) -> list[dict[str, object]]:
     """Texts or images as records of the model's one text or image column."""
     spec = model.preprocessing
+    if spec is None:  # an imported model: its inputs are tensors
+        names = ", ".join(repr(name) for name in model.input_names)
+        raise InvalidRequest(
+            f"This model takes tensors: send records mapping {names} to numbers (or nested "
+            "lists of numbers), not texts or images.",
+            param="texts" if texts is not None else "images",
+        )
     if texts is not None:
         column = _only_column(spec, TextStep, "texts")
         return [{column: text} for text in texts]

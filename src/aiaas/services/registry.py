@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,12 @@ log = logging.getLogger("aiaas.registry")
 LATEST = "latest"
 
 
+# An artifact's content: its bytes, or (for a large upload, e.g. an imported GGUF) a function
+# that streams them, so a file is never held in memory twice; its size and SHA-256 are measured
+# while it is stored.
+ArtifactContent = bytes | Callable[[], Iterable[bytes]]
+
+
 @dataclass(frozen=True, slots=True)
 class NewVersion:
     """What a training job (or an import) registers."""
@@ -53,7 +59,7 @@ class NewVersion:
     model_id: str
     base: str
     task: str
-    artifacts: Sequence[tuple[str, bytes]]  # (file name, content)
+    artifacts: Sequence[tuple[str, ArtifactContent]]  # (file name, content)
     metrics: dict[str, Any]
     lineage: dict[str, Any]
     dataset_version_id: str | None
@@ -91,6 +97,13 @@ class RegistryService:
         version_id = new_id("mv")
         with self._db.write() as conn:
             existing = repo.get_model(conn, org_id=new.org_id, model_id=new.model_id)
+            if existing is None and repo.owner_of_model(conn, new.model_id) is not None:
+                # Model ids are global: another organisation's model keeps its id.
+                raise Conflict(
+                    f"The model id {new.model_id!r} is taken; choose another name.",
+                    param="register_to",
+                    code="model_exists",
+                )
             if existing is not None and (existing.base, existing.task) != (new.base, new.task):
                 raise Conflict(
                     f"Model {new.model_id!r} is a {existing.task} {existing.base}; a "
@@ -139,14 +152,23 @@ class RegistryService:
         self._changed()  # "latest" may now name this version
         return version
 
-    def _store(self, org_id: str, version_id: str, name: str, content: bytes) -> Artifact:
+    def _store(self, org_id: str, version_id: str, name: str, content: ArtifactContent) -> Artifact:
         key = f"{_prefix(org_id, version_id)}{name}"
+        if not isinstance(content, bytes):  # streamed: measured as it goes in
+            info = self._blobs.put(org_id, key, content())
+            return Artifact(name=name, blob_key=key, bytes=info.size, sha256=info.sha256)
         info = self._blobs.put(org_id, key, [content])
         return Artifact(
             name=name, blob_key=key, bytes=info.size, sha256=hashlib.sha256(content).hexdigest()
         )
 
     # -- read ------------------------------------------------------------------------------------
+
+    def owner_of(self, model_id: str) -> str | None:
+        """The organisation whose registry holds `model_id`, whoever asks (a grant check is
+        the caller's); None when there is no such model."""
+        with self._db.read() as conn:
+            return repo.owner_of_model(conn, model_id)
 
     def get_model(self, *, org_id: str, model_id: str) -> RegisteredModel:
         with self._db.read() as conn:

@@ -30,23 +30,25 @@ from typing import Any, Literal
 
 import numpy as np
 
+from aiaas.engines.classic.imported import ImportedModel
 from aiaas.engines.classic.model import ClassicModel
 from aiaas.errors import ServiceUnavailable
 from aiaas.scheduling.batcher import BatcherConfig, BatcherStats, BatchRequest, DynamicBatcher
 from aiaas.scheduling.fair import AdmissionPolicy
 
-__all__ = ["ClassicPool", "LoadedClassic", "PoolEntry", "Row"]
+__all__ = ["ClassicPool", "LoadedClassic", "PoolEntry", "Row", "ServedModel"]
 
 log = logging.getLogger("aiaas.engines.classic")
 
 Row = tuple[np.ndarray, ...]  # one record: an array per input, in input_names order, no batch axis
+ServedModel = ClassicModel | ImportedModel  # trained here, or imported with a signature
 PolicyFactory = Callable[[], AdmissionPolicy[BatchRequest[Row, np.ndarray]]]
 
 
 @dataclass
 class LoadedClassic:
     key: str
-    model: ClassicModel
+    model: ServedModel
     batcher: DynamicBatcher[Row, np.ndarray]
     last_used: float  # time.time(), for display
     _recency: float = field(default_factory=time.monotonic, repr=False)  # orders the LRU
@@ -136,7 +138,7 @@ class ClassicPool:
         self._evictions = 0
         self._closed = False
 
-    async def get(self, key: str, load: Callable[[], ClassicModel]) -> LoadedClassic:
+    async def get(self, key: str, load: Callable[[], ServedModel]) -> LoadedClassic:
         """The loaded model for `key`, loading it with `load` (in a worker thread) if needed."""
         with self._lock:
             if self._closed:
@@ -154,7 +156,7 @@ class ClassicPool:
         # A waiter that gives up must not cancel the load the others wait for.
         return await asyncio.shield(task)
 
-    async def _load(self, key: str, load: Callable[[], ClassicModel]) -> LoadedClassic:
+    async def _load(self, key: str, load: Callable[[], ServedModel]) -> LoadedClassic:
         try:
             started = time.perf_counter()
             model, batcher = await asyncio.to_thread(self._open, key, load)
@@ -183,16 +185,28 @@ class ClassicPool:
         return loaded
 
     def _open(
-        self, key: str, load: Callable[[], ClassicModel]
-    ) -> tuple[ClassicModel, DynamicBatcher[Row, np.ndarray]]:
+        self, key: str, load: Callable[[], ServedModel]
+    ) -> tuple[ServedModel, DynamicBatcher[Row, np.ndarray]]:
         model = load()
 
-        def work(batch: list[Row]) -> np.ndarray:
+        def run(rows: list[Row]) -> np.ndarray:
             stacked = {
-                name: np.stack([row[i] for row in batch])
-                for i, name in enumerate(model.input_names)
+                name: np.stack([row[i] for row in rows]) for i, name in enumerate(model.input_names)
             }
             return model.run(stacked)
+
+        def work(batch: list[Row]) -> np.ndarray | list[np.ndarray]:
+            shapes = [tuple(array.shape for array in row) for row in batch]
+            if len(set(shapes)) == 1:
+                return run(batch)
+            # Rows of different requests may differ along an imported model's dynamic axes:
+            # one forward pass per shape.
+            results: list[np.ndarray] = [np.empty(0)] * len(batch)
+            for shape in dict.fromkeys(shapes):
+                indices = [i for i, s in enumerate(shapes) if s == shape]
+                for i, row in zip(indices, run([batch[i] for i in indices]), strict=True):
+                    results[i] = row
+            return results
 
         batcher: DynamicBatcher[Row, np.ndarray] = DynamicBatcher(
             work,

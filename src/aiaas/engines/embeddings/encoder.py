@@ -36,15 +36,17 @@ MASK_EPS = 1e-9  # sentence-transformers' floor on the token count of mean pooli
 
 @dataclass(frozen=True, slots=True)
 class InMemoryEncoder:
-    """An encoder graph held in memory: a deployed fine-tuned model, decrypted from the blob
-    store, never written to disk in the clear."""
+    """An encoder graph held in memory: a deployed fine-tuned or imported model, decrypted
+    from the blob store, never written to disk in the clear. `graph` may also be a path (an
+    import checks its upload from an anonymous in-memory file); `tokenizer` is a tokenizer.json
+    file or its bytes (an imported model's own)."""
 
-    graph: bytes
-    tokenizer: Path
+    graph: bytes | Path
+    tokenizer: Path | bytes
     pooling: PoolingConfig
 
-    def onnx(self, variant: Variant) -> bytes:
-        return self.graph  # fine-tuned encoders are served as trained (fp32)
+    def onnx(self, variant: Variant) -> bytes | Path:
+        return self.graph  # fine-tuned and imported encoders are served as they are (fp32)
 
 
 class SentenceEncoder:
@@ -78,7 +80,12 @@ class SentenceEncoder:
             disabled_optimizers=list(DISABLED_OPTIMIZERS),
         )
         self._inputs = tuple(i.name for i in self._session.get_inputs())
-        self._tokenizer = Tokenizer.from_file(str(model.tokenizer))
+        tokenizer = model.tokenizer
+        self._tokenizer = (
+            Tokenizer.from_buffer(tokenizer)
+            if isinstance(tokenizer, bytes)
+            else Tokenizer.from_file(str(tokenizer))
+        )
         # tokenizer.json ships its own truncation and fixed padding (128 for MiniLM);
         # sentence-transformers overrides both, and so do we.
         self._tokenizer.enable_truncation(max_length=self.pooling.max_seq_length)

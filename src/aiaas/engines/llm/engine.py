@@ -235,8 +235,25 @@ class LlmEngine:
         )
         if self._head is not None:
             self._planner.tile = 1  # the 4-row tiles were the quantized head's
+        else:
+            self._warm_up()
         self._thread = threading.Thread(target=self._run, name=f"llm-{self.name}", daemon=True)
         self._thread.start()
+
+    def _warm_up(self) -> None:
+        """Decode one token and forget it: every weight and compute buffer is touched once, so
+        the first request does not pay for it and the memory a model holds can be measured
+        right after `start` (the ONNX head's agreement check does this where there is a head)."""
+        assert self._ctx is not None and self._batch is not None
+        token = llama_cpp.llama_vocab_bos(self.model.vocab)
+        self._batch.token[0] = token if self.model.valid_token(token) else 0
+        self._batch.pos[0] = 0
+        self._batch.n_seq_id[0] = 1
+        self._batch.seq_id[0][0] = 0
+        self._batch.logits[0] = True
+        self._batch.n_tokens = 1
+        llama_cpp.llama_decode(self._ctx, self._batch)
+        llama_cpp.llama_memory_clear(self._memory, True)
 
     def _open_context(self, head: OutputHead | None) -> llama_cpp.llama_context_p:
         """(Re)open the context, with `head`'s tap on the graph where there is a head."""
@@ -366,6 +383,22 @@ class LlmEngine:
                 accepted_draft_tokens=self._counters.accepted_draft_tokens,
                 onnx_head_steps=self._counters.onnx_head_steps,
             )
+
+    def withdraw(self, request: GenerationRequest, message: str) -> bool:
+        """Take a request that has not started out of the line, failing it with `message`;
+        False when it already runs (or ended): a started request is left to finish."""
+        with self._cond:
+            if not self._policy.remove(request):
+                return False
+            request.release()
+            self._cond.notify()
+        request.sink(Failed(message))
+        return True
+
+    def idle(self) -> bool:
+        """No request running or waiting: the engine may be closed without cutting one."""
+        with self._cond:
+            return not len(self._policy) and all(s.request is None for s in self._slots)
 
     def admission_order(self) -> list[str]:
         """Tenants in the order the engine admitted their requests (most recent 4096)."""

@@ -1,0 +1,73 @@
+"""Where llama.cpp reads a GGUF from: a file on disk, or decrypted bytes that never touch it.
+
+A bundled or configured model is a plain file. A registered version (imported, re-quantised,
+fine-tuned) is stored encrypted; llama.cpp only opens paths, so its bytes are decrypted into an
+anonymous in-memory file (`memfd_create`) and llama.cpp opens `/proc/self/fd/N`. The plaintext
+lives in memory, like the mapped weights of any model, and is gone when the file is closed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiaas.errors import ConfigurationError
+
+
+@dataclass
+class ModelFile:
+    """A GGUF llama.cpp can open by `path`; `close` frees what holds it (an in-memory file)."""
+
+    path: Path
+    size: int
+    in_memory: bool = False
+    _fd: int | None = field(default=None, repr=False)
+
+    @classmethod
+    def on_disk(cls, path: Path) -> ModelFile:
+        try:
+            return cls(path=path, size=path.stat().st_size)
+        except OSError as exc:
+            raise ConfigurationError(f"model file {path} cannot be read: {exc}") from exc
+
+    @classmethod
+    def in_memory_from(cls, name: str, chunks: Iterable[bytes]) -> ModelFile:
+        """An anonymous in-memory file holding `chunks` (Linux: `memfd_create`)."""
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        size = 0
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                    size += written
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path=Path(f"/proc/self/fd/{fd}"), size=size, in_memory=True, _fd=fd)
+
+    @property
+    def open(self) -> bool:
+        """False once an in-memory file is closed (its bytes freed); a file on disk stays."""
+        return not self.in_memory or self._fd is not None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def anonymous_rss_bytes() -> int:
+    """This process's resident anonymous memory (heap, KV caches, ONNX sessions), from
+    /proc/self/status; 0 where it cannot be read."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
