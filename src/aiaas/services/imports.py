@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from aiaas.engines.embeddings.encoder import InMemoryEncoder, SentenceEncoder
 from aiaas.engines.embeddings.export import PoolingConfig
 from aiaas.engines.llm.chat_template import ChatTemplate
 from aiaas.engines.llm.inspect import GGUF_MAGIC, InvalidGguf, inspect_gguf
+from aiaas.engines.llm.model_file import anonymous_fd, fd_path
 from aiaas.errors import ApiError, Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from aiaas.protocol.imports import ImportFormatName, ImportOptions
 from aiaas.services.audit import AuditService
@@ -122,7 +122,7 @@ class Spool:
         self.size = 0
         self.head = b""
         self._digest = hashlib.sha256()
-        self._fd: int | None = _anonymous_file(self.filename)
+        self._fd: int | None = anonymous_fd(f"import-{self.filename}")
 
     @property
     def fd(self) -> int:
@@ -132,8 +132,7 @@ class Spool:
 
     @property
     def path(self) -> str:
-        base = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
-        return f"{base}/{self.fd}"
+        return str(fd_path(self.fd))
 
     @property
     def sha256(self) -> str:
@@ -183,19 +182,6 @@ class Spool:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _anonymous_file(name: str) -> int:
-    memfd_create = getattr(os, "memfd_create", None)
-    if memfd_create is not None:
-        try:
-            return int(memfd_create(f"aiaas-import-{name}"[:240], os.MFD_CLOEXEC))
-        except OSError:
-            pass
-    handle = tempfile.TemporaryFile()  # noqa: SIM115 - unlinked at once; its fd outlives it
-    fd = os.dup(handle.fileno())
-    handle.close()
-    return fd
 
 
 # -- the use case --------------------------------------------------------------------------------

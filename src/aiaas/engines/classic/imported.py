@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from aiaas.engines.classic.model import MAX_RECORDS, Prediction, TensorSpec
+from aiaas.engines.classic.model import MAX_RECORDS, Prediction, TensorSpec, check_tensors
 from aiaas.errors import InvalidRequest
 from aiaas.specs.signature import ModelSignature, TensorSignature
 
@@ -79,7 +79,6 @@ class ImportedModel:
         self.inputs = [_spec(t) for t in signature.inputs]
         self.outputs = [_spec(signature.output)]
         self.memory_bytes = memory_bytes
-        self._by_name = {spec.name: spec for spec in self.inputs}
 
     @classmethod
     def load(
@@ -138,30 +137,7 @@ class ImportedModel:
 
     def check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
         """InvalidRequest (param: the input's name) unless `inputs` fit the signature."""
-        for name in self.input_names:
-            if name not in inputs:
-                raise InvalidRequest(
-                    f"input {name!r} is missing; this model takes {list(self.input_names)}",
-                    param=name,
-                )
-        for name in inputs:
-            if name not in self._by_name:
-                raise InvalidRequest(
-                    f"unknown input {name!r}; this model takes {list(self.input_names)}",
-                    param=name,
-                )
-        batch: int | None = None
-        for spec in self.inputs:
-            array = inputs[spec.name]
-            _check_array(spec, array)
-            if batch is None:
-                batch = array.shape[0]
-            elif array.shape[0] != batch:
-                raise InvalidRequest(
-                    f"input {spec.name!r} has {array.shape[0]} rows; "
-                    f"input {self.inputs[0].name!r} has {batch}",
-                    param=spec.name,
-                )
+        check_tensors(inputs, self.inputs)
 
     def encode_records(self, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
         """Tensors from records that map each input's name to its value for one row (a number
@@ -388,33 +364,6 @@ def _spec(tensor: TensorSignature) -> TensorSpec:
 
 def spec_dtype(spec: TensorSpec) -> np.dtype[Any]:
     return _DTYPES[spec.datatype]
-
-
-def _check_array(spec: TensorSpec, array: np.ndarray) -> None:
-    name = spec.name
-    if not isinstance(array, np.ndarray):
-        raise InvalidRequest(f"input {name!r} must be an array", param=name)
-    dtype = _DTYPES[spec.datatype]
-    if array.dtype != dtype:
-        raise InvalidRequest(
-            f"input {name!r} must be {spec.datatype} ({dtype}), not {array.dtype}", param=name
-        )
-    if array.ndim != len(spec.shape):
-        raise InvalidRequest(
-            f"input {name!r} must have {len(spec.shape)} dimensions {spec.shape}, "
-            f"not {array.ndim} {list(array.shape)}",
-            param=name,
-        )
-    for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=True)):
-        if axis and want != -1 and want != got:
-            raise InvalidRequest(
-                f"input {name!r} must have shape {spec.shape}, not {list(array.shape)}",
-                param=name,
-            )
-    if array.shape[0] < 1 or 0 in array.shape:
-        raise InvalidRequest(f"input {name!r} is empty {list(array.shape)}", param=name)
-    if spec.datatype == "FP32" and not np.isfinite(array).all():
-        raise InvalidRequest(f"input {name!r} holds NaN or infinite values", param=name)
 
 
 def _array(rows: list[Any], spec: TensorSpec) -> np.ndarray:

@@ -16,7 +16,7 @@ threads at once; the tokenizers are only read.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -230,56 +230,11 @@ class ClassicModel:
 
     def check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
         """InvalidRequest (param: the input's name) unless `inputs` can go to `run` as they are."""
-        for name in self.input_names:
-            if name not in inputs:
-                raise InvalidRequest(
-                    f"input {name!r} is missing; this model takes {list(self.input_names)}",
-                    param=name,
-                )
-        for name in inputs:
-            if name not in self.preprocessings:
-                raise InvalidRequest(
-                    f"unknown input {name!r}; this model takes {list(self.input_names)}",
-                    param=name,
-                )
-        batch: int | None = None
-        for spec in self.inputs:
-            array = inputs[spec.name]
-            self._check_array(spec, array)
-            if batch is None:
-                batch = array.shape[0]
-            elif array.shape[0] != batch:
-                raise InvalidRequest(
-                    f"input {spec.name!r} has {array.shape[0]} rows; "
-                    f"input {self.inputs[0].name!r} has {batch}",
-                    param=spec.name,
-                )
+        check_tensors(inputs, self.inputs, self._check_array)
 
     def _check_array(self, spec: TensorSpec, array: np.ndarray) -> None:
+        check_array(spec, array)
         name = spec.name
-        if not isinstance(array, np.ndarray):
-            raise InvalidRequest(f"input {name!r} must be an array", param=name)
-        dtype = _DTYPES[spec.datatype]
-        if array.dtype != dtype:
-            raise InvalidRequest(
-                f"input {name!r} must be {spec.datatype} ({dtype}), not {array.dtype}", param=name
-            )
-        if array.ndim != len(spec.shape):
-            raise InvalidRequest(
-                f"input {name!r} must have {len(spec.shape)} dimensions {spec.shape}, "
-                f"not {array.ndim} {list(array.shape)}",
-                param=name,
-            )
-        for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=True)):
-            if axis and want != -1 and want != got:
-                raise InvalidRequest(
-                    f"input {name!r} must have shape {spec.shape}, not {list(array.shape)}",
-                    param=name,
-                )
-        if array.shape[0] < 1:
-            raise InvalidRequest(f"input {name!r} has no rows", param=name)
-        if spec.datatype == "FP32" and not np.isfinite(array).all():
-            raise InvalidRequest(f"input {name!r} holds NaN or infinite values", param=name)
         if name == "tokens" and self._vocab_size is not None:
             low, high = int(array.min()), int(array.max())
             if low < 0 or high >= self._vocab_size:
@@ -400,3 +355,62 @@ def _tokenizers(spec: PreprocessingSpec) -> dict[str, Tokenizer]:
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def check_tensors(
+    inputs: dict[str, np.ndarray],
+    specs: Sequence[TensorSpec],
+    check: Callable[[TensorSpec, np.ndarray], None] | None = None,
+) -> None:
+    """InvalidRequest (param: the input's name) unless `inputs` are exactly the inputs `specs`
+    declare, each passing `check` (default `check_array`), with one batch size."""
+    names = [spec.name for spec in specs]
+    for name in names:
+        if name not in inputs:
+            raise InvalidRequest(f"input {name!r} is missing; this model takes {names}", param=name)
+    for name in inputs:
+        if name not in names:
+            raise InvalidRequest(f"unknown input {name!r}; this model takes {names}", param=name)
+    batch: int | None = None
+    for spec in specs:
+        array = inputs[spec.name]
+        (check or check_array)(spec, array)
+        if batch is None:
+            batch = array.shape[0]
+        elif array.shape[0] != batch:
+            raise InvalidRequest(
+                f"input {spec.name!r} has {array.shape[0]} rows; "
+                f"input {specs[0].name!r} has {batch}",
+                param=spec.name,
+            )
+
+
+def check_array(spec: TensorSpec, array: np.ndarray) -> None:
+    """InvalidRequest unless `array` has the declared datatype and shape (any batch size and
+    dynamic axes), no empty axis and, for floats, only finite values."""
+    name = spec.name
+    if not isinstance(array, np.ndarray):
+        raise InvalidRequest(f"input {name!r} must be an array", param=name)
+    dtype = _DTYPES[spec.datatype]
+    if array.dtype != dtype:
+        raise InvalidRequest(
+            f"input {name!r} must be {spec.datatype} ({dtype}), not {array.dtype}", param=name
+        )
+    if array.ndim != len(spec.shape):
+        raise InvalidRequest(
+            f"input {name!r} must have {len(spec.shape)} dimensions {spec.shape}, "
+            f"not {array.ndim} {list(array.shape)}",
+            param=name,
+        )
+    for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=True)):
+        if axis and want != -1 and want != got:
+            raise InvalidRequest(
+                f"input {name!r} must have shape {spec.shape}, not {list(array.shape)}",
+                param=name,
+            )
+    if array.shape[0] < 1:
+        raise InvalidRequest(f"input {name!r} has no rows", param=name)
+    if 0 in array.shape:
+        raise InvalidRequest(f"input {name!r} is empty {list(array.shape)}", param=name)
+    if spec.datatype == "FP32" and not np.isfinite(array).all():
+        raise InvalidRequest(f"input {name!r} holds NaN or infinite values", param=name)

@@ -9,6 +9,7 @@ lives in memory, like the mapped weights of any model, and is gone when the file
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ class ModelFile:
     @classmethod
     def in_memory_from(cls, name: str, chunks: Iterable[bytes]) -> ModelFile:
         """An anonymous in-memory file holding `chunks` (Linux: `memfd_create`)."""
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = anonymous_fd(name)
         size = 0
         try:
             for chunk in chunks:
@@ -47,7 +48,7 @@ class ModelFile:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path=Path(f"/proc/self/fd/{fd}"), size=size, in_memory=True, _fd=fd)
+        return cls(path=fd_path(fd), size=size, in_memory=True, _fd=fd)
 
     @property
     def open(self) -> bool:
@@ -58,6 +59,26 @@ class ModelFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def anonymous_fd(name: str) -> int:
+    """A file descriptor of an anonymous in-memory file (`memfd_create`); where that is
+    missing, an unlinked temporary file stands in. Closing the fd frees it."""
+    memfd_create = getattr(os, "memfd_create", None)
+    if memfd_create is not None:
+        try:
+            return int(memfd_create(f"aiaas-{name}"[:240], os.MFD_CLOEXEC))
+        except OSError:
+            pass
+    handle = tempfile.TemporaryFile()  # noqa: SIM115 - unlinked at once; its fd outlives it
+    fd = os.dup(handle.fileno())
+    handle.close()
+    return fd
+
+
+def fd_path(fd: int) -> Path:
+    """The path by which this process (or a child given the fd) opens `fd`."""
+    return Path(f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else f"/dev/fd/{fd}")
 
 
 def anonymous_rss_bytes() -> int:
