@@ -41,6 +41,7 @@ from aiaas.services.llm_models import LlmModels
 from aiaas.services.metering import Metering
 from aiaas.services.optimisations import OptimisationService
 from aiaas.services.predictions import PredictionService
+from aiaas.services.privacy import PrivacyService
 from aiaas.services.registry import RegistryService
 from aiaas.services.tenancy import TenancyService
 from aiaas.services.usage import UsageMeter
@@ -94,6 +95,7 @@ class Platform:
     grants: GrantService
     imports: ImportService
     explanations: ExplanationService
+    privacy: PrivacyService
     runner: JobRunner | None = None
 
     @classmethod
@@ -211,9 +213,11 @@ class Platform:
             embeddings=EmbeddingService(
                 pool,
                 metrics,
+                metering,
                 DeployedEncoders(
                     deployments,
                     registry,
+                    grants,
                     threads=settings.embeddings_threads,
                     batch=BatcherConfig(
                         max_batch_items=settings.embeddings_max_batch,
@@ -240,6 +244,7 @@ class Platform:
                 threads=settings.classic_threads,
             ),
             explanations=ExplanationService(db, blobs, audit, predictions, registry, jobs),
+            privacy=PrivacyService(db, audit, cache_s=settings.auth_cache_s),
         )
 
     def start_models(self) -> None:

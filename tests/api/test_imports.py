@@ -587,6 +587,42 @@ def test_an_imported_sentence_encoder_serves_embeddings_under_its_model_id(
     np.testing.assert_allclose(via_deployment.data[0].embedding, got[0], atol=1e-6)
 
 
+def test_a_shared_sentence_encoder_embeds_for_the_grantee_until_revoked(
+    sqlite_server: Server, encoder_org: Org, imported_encoder: dict[str, Any]
+) -> None:
+    model = imported_encoder["model"]
+    grantee, third = create_org(sqlite_server), create_org(sqlite_server)
+    texts = ["The cat sat on the mat."]
+    with pytest.raises(openai.NotFoundError):  # not shared yet
+        openai_client(sqlite_server, grantee.api_key).embeddings.create(model=model, input=texts)
+    with sqlite_server.client(encoder_org.api_key) as http:
+        made = http.post(
+            "/v1/grants",
+            json={
+                "grantee": grantee.id,
+                "object_type": "model",
+                "object_id": model,
+                "permission": "use",
+            },
+        )
+    assert made.status_code == 201, made.text
+    own = openai_client(sqlite_server, encoder_org.api_key).embeddings.create(
+        model=model, input=texts
+    )
+    theirs = openai_client(sqlite_server, grantee.api_key).embeddings.create(
+        model=model, input=texts
+    )
+    np.testing.assert_allclose(theirs.data[0].embedding, own.data[0].embedding, atol=1e-6)
+    listed = {m.id: m.owned_by for m in openai_client(sqlite_server, grantee.api_key).models.list()}
+    assert listed[model] == encoder_org.name
+    with pytest.raises(openai.NotFoundError):  # a third organisation sees nothing
+        openai_client(sqlite_server, third.api_key).embeddings.create(model=model, input=texts)
+    with sqlite_server.client(encoder_org.api_key) as http:
+        assert http.delete(f"/v1/grants/{made.json()['id']}").status_code == 200
+    with pytest.raises(openai.NotFoundError):  # revoked through this replica: at once
+        openai_client(sqlite_server, grantee.api_key).embeddings.create(model=model, input=texts)
+
+
 def test_a_sentence_encoder_import_checks_its_tokenizer_and_graph(
     sqlite_server: Server, minilm_export: Any
 ) -> None:

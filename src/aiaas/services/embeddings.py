@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aiaas.domain import ModelVersion, Principal
+from aiaas.domain import Grant, GrantPermission, ModelVersion, SharedKind
 from aiaas.engines.embeddings.encoder import InMemoryEncoder
 from aiaas.engines.embeddings.export import PoolingConfig, minilm_l6_v2_dir
 from aiaas.engines.pool import LoadedEmbedder, ModelPool, serve_encoder
@@ -21,6 +21,8 @@ from aiaas.protocol.openai import Embedding, EmbeddingList, EmbeddingRequest, Em
 from aiaas.scheduling.batcher import BatcherConfig
 from aiaas.scheduling.fair import SchedulingMode
 from aiaas.services.deployments import DeploymentService
+from aiaas.services.grants import GrantService
+from aiaas.services.metering import MeteredCall, Metering
 from aiaas.services.registry import RegistryService
 
 ENCODER = "encoder.onnx"
@@ -40,15 +42,16 @@ class DeployedEncoders:
     A version that carries an `encoder.onnx` (a MiniLM fine-tuned by a training job, or an
     encoder imported with its tokenizer.json) answers `/v1/embeddings` under the name of a
     deployment serving it, or under its model id (its newest version), for its own organisation
-    only. The graph is decrypted into memory, tokenised with the version's own tokenizer.json
-    (the bundled MiniLM's for fine-tuned ones) and pooled as its encoder.json says. The
-    `capacity` most recently used stay loaded.
+    and those it shares the model with (`use`). The graph is decrypted into memory, tokenised
+    with the version's own tokenizer.json (the bundled MiniLM's for fine-tuned ones) and pooled
+    as its encoder.json says. The `capacity` most recently used stay loaded.
     """
 
     def __init__(
         self,
         deployments: DeploymentService,
         registry: RegistryService,
+        grants: GrantService,
         *,
         threads: int,
         batch: BatcherConfig,
@@ -59,6 +62,7 @@ class DeployedEncoders:
         self._scheduling: SchedulingMode = scheduling
         self._deployments = deployments
         self._registry = registry
+        self._grants = grants
         self._threads = threads
         self._batch = batch
         self._capacity = capacity
@@ -69,8 +73,10 @@ class DeployedEncoders:
         self._latest: dict[tuple[str, str], _Latest] = {}
         registry.on_change(self._latest.clear)
 
-    async def get(self, org_id: str, name: str) -> LoadedEmbedder:
-        version = await self._version(org_id, name)
+    async def get(self, org_id: str, name: str) -> tuple[LoadedEmbedder, Grant | None]:
+        """The encoder `name` answers with for `org_id`, and the grant it goes through (another
+        organisation's deployment or model), if any."""
+        version, grant = await self._version(org_id, name)
         if ENCODER not in version.artifacts:
             raise InvalidRequest(
                 f"The model '{name}' does not serve embeddings: only sentence encoders "
@@ -87,37 +93,57 @@ class DeployedEncoders:
                     _, evicted = self._loaded.popitem(last=False)
                     await asyncio.to_thread(evicted.batcher.close)
             self._loaded.move_to_end(version.id)
-        return found
+        return found, grant
 
-    async def _version(self, org_id: str, name: str) -> ModelVersion:
-        """The version answering `name`: a deployment's, else the newest of the org's model."""
+    async def _version(self, org_id: str, name: str) -> tuple[ModelVersion, Grant | None]:
+        """The version answering `name`: a deployment's (its own, or `<owner>/<name>` through a
+        grant), else the newest of the org's model, else of another org's model it holds a
+        `use` grant on (re-checked on every request)."""
         routed = self._deployments.cached_route(org_id=org_id, name=name)
         if routed is not None:
-            return routed.version
+            return routed.version, routed.grant
         cached = self._latest.get((org_id, name))
         if cached is not None and time.monotonic() < cached.valid_until:
-            return cached.version
+            return cached.version, self._granted(org_id, cached.version)
         try:
             routed = await asyncio.to_thread(self._deployments.route, org_id=org_id, name=name)
-            return routed.version
+            return routed.version, routed.grant
         except NotFound as not_deployed:
             version = await asyncio.to_thread(self._newest, org_id, name)
             if version is None:
                 raise not_deployed
+        grant = self._granted(org_id, version)
         if self._cache_s > 0:
             if len(self._latest) >= _VERSION_CACHE_LIMIT:
                 self._latest.clear()
             self._latest[(org_id, name)] = _Latest(version, time.monotonic() + self._cache_s)
-        return version
+        return version, grant
+
+    def _granted(self, org_id: str, version: ModelVersion) -> Grant | None:
+        """None for the org's own version; another org's needs a `use` grant (else 404)."""
+        if version.org_id == org_id:
+            return None
+        grant = self._grants.access(
+            org_id=org_id,
+            kind=SharedKind.MODEL,
+            object_id=version.model_id,
+            needed=GrantPermission.USE,
+            version=version.version,
+        )
+        if grant is None:
+            raise ModelNotFound(f"The model '{version.model_id}' does not exist.", param="model")
+        return grant
 
     def _newest(self, org_id: str, model_id: str) -> ModelVersion | None:
-        """The newest version of `org_id`'s own model `model_id` (None: it has no such model)."""
-        model = self._registry.find_model(org_id=org_id, model_id=model_id)
-        if model is None or model.latest_version is None:
+        """The newest version of `model_id` in whichever registry holds it (None: no such
+        model); a grant is the caller's to check."""
+        owner = self._registry.owner_of(model_id)
+        model = owner and self._registry.find_model(org_id=owner, model_id=model_id)
+        if not model or model.latest_version is None:
             return None
         try:
             return self._registry.get_version(
-                org_id=org_id, model_id=model_id, version=model.latest_version
+                org_id=model.org_id, model_id=model_id, version=model.latest_version
             )
         except NotFound:  # deleted in between
             return None
@@ -151,26 +177,36 @@ class DeployedEncoders:
 
 class EmbeddingService:
     def __init__(
-        self, pool: ModelPool, metrics: Metrics, deployed: DeployedEncoders | None = None
+        self,
+        pool: ModelPool,
+        metrics: Metrics,
+        metering: Metering,
+        deployed: DeployedEncoders | None = None,
     ) -> None:
         self._pool = pool
         self._metrics = metrics
+        self._metering = metering
         self._deployed = deployed
 
     def close(self) -> None:
         if self._deployed is not None:
             self._deployed.close()
 
-    async def _embedder(self, principal: Principal, model: str) -> LoadedEmbedder:
+    async def _embedder(self, call: MeteredCall, model: str) -> LoadedEmbedder:
         try:
             return self._pool.embedder(model)
         except ModelNotFound:
-            if principal.org_id is None or self._deployed is None:
+            org_id = call.principal.org_id
+            if org_id is None or self._deployed is None:
                 raise
-            return await self._deployed.get(principal.org_id, model)
+            loaded, grant = await self._deployed.get(org_id, model)
+            if grant is not None:  # another organisation's encoder: the grant's caps apply
+                await self._metering.through(call, grant)
+            return loaded
 
-    async def embed(self, principal: Principal, request: EmbeddingRequest) -> EmbeddingList:
-        loaded = await self._embedder(principal, request.model)
+    async def embed(self, call: MeteredCall, request: EmbeddingRequest) -> EmbeddingList:
+        principal = call.principal
+        loaded = await self._embedder(call, request.model)
         dimension = loaded.encoder.dimension
         if request.dimensions is not None and request.dimensions > dimension:
             raise InvalidRequest(
