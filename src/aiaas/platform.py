@@ -41,7 +41,6 @@ from aiaas.services.llm_models import LlmModels
 from aiaas.services.metering import Metering
 from aiaas.services.optimisations import OptimisationService
 from aiaas.services.predictions import PredictionService
-from aiaas.services.privacy import PrivacyService
 from aiaas.services.registry import RegistryService
 from aiaas.services.tenancy import TenancyService
 from aiaas.services.usage import UsageMeter
@@ -95,7 +94,6 @@ class Platform:
     grants: GrantService
     imports: ImportService
     explanations: ExplanationService
-    privacy: PrivacyService
     runner: JobRunner | None = None
 
     @classmethod
@@ -244,7 +242,6 @@ class Platform:
                 threads=settings.classic_threads,
             ),
             explanations=ExplanationService(db, blobs, audit, predictions, registry, jobs),
-            privacy=PrivacyService(db, audit, cache_s=settings.auth_cache_s),
         )
 
     def start_models(self) -> None:
