@@ -22,7 +22,6 @@ from aiaas.api import (
     datasets,
     deployments,
     embeddings,
-    explanations,
     files,
     fine_tuning,
     grants,
@@ -114,7 +113,6 @@ def create_app(settings: Settings) -> FastAPI:
         deployments.router,
         models.router,  # after registry and deployments: its retrieve route takes any path
         predictions.router,
-        explanations.router,
         optimisations.router,
         oip.router,
         organizations.router,

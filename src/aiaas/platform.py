@@ -29,7 +29,6 @@ from aiaas.services.bundles import BundleService
 from aiaas.services.datasets import DatasetService
 from aiaas.services.deployments import DeploymentService
 from aiaas.services.embeddings import DeployedEncoders, EmbeddingService
-from aiaas.services.explanations import ExplanationService
 from aiaas.services.files import FileService
 from aiaas.services.grants import GrantService
 from aiaas.services.imports import ImportService
@@ -93,7 +92,6 @@ class Platform:
     optimisations: OptimisationService
     grants: GrantService
     imports: ImportService
-    explanations: ExplanationService
     runner: JobRunner | None = None
 
     @classmethod
@@ -241,7 +239,6 @@ class Platform:
                 max_bytes=settings.max_import_bytes,
                 threads=settings.classic_threads,
             ),
-            explanations=ExplanationService(db, blobs, audit, predictions, registry, jobs),
         )
 
     def start_models(self) -> None:
