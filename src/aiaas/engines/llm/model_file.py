@@ -8,6 +8,7 @@ lives in memory, like the mapped weights of any model, and is gone when the file
 
 from __future__ import annotations
 
+import ctypes
 import os
 import tempfile
 from collections.abc import Iterable
@@ -92,3 +93,14 @@ def anonymous_rss_bytes() -> int:
     except (OSError, ValueError):
         pass
     return 0
+
+
+def return_freed_memory() -> None:
+    """Hand the heap pages freed by an unload back to the system (glibc's `malloc_trim`): else
+    glibc keeps them, the process grows with each load and unload, and the next load's
+    measured growth depends on what the heap happened to keep."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        pass

@@ -38,7 +38,7 @@ from typing import Protocol
 from aiaas.engines.llm.chat_template import ChatTemplate
 from aiaas.engines.llm.engine import EngineConfig, LlmEngine
 from aiaas.engines.llm.model import LlamaModel
-from aiaas.engines.llm.model_file import ModelFile, anonymous_rss_bytes
+from aiaas.engines.llm.model_file import ModelFile, anonymous_rss_bytes, return_freed_memory
 from aiaas.errors import Conflict, InvalidRequest, RateLimited, ServerError, ServiceUnavailable
 from aiaas.scheduling.fair import SchedulingMode, make_policy
 
@@ -369,6 +369,7 @@ class LlmResidency:
         llm.engine.close()
         llm.model.close()
         llm.file.close()
+        return_freed_memory()
         if reason is not None:
             if self._observer is not None:
                 self._observer.unloaded(llm.id, reason)
