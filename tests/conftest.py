@@ -4,6 +4,11 @@ Tests that touch the database run against SQLite and PostgreSQL: the `server` fi
 parametrised over both backends and shared per session (one server per backend). PostgreSQL
 comes from `AIAAS_TEST_POSTGRES_URL`; without it those tests skip, unless
 `AIAAS_TEST_SERVICES=1` (as in CI), where a missing service is a failure.
+
+Slow set-up is shared where tests only read it: `shared_model` trains, registers and deploys one
+small model per backend for the whole session (the grant tests and others use it as the owner's
+objects, each with grantee organisations of its own), and the test process's HTTP clients share
+one TLS context (see `share_tls_contexts`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,40 @@ import pytest
 
 BACKENDS = ["sqlite", "postgres"]
 STARTUP_DEADLINE_S = 120.0
+
+
+def share_tls_contexts() -> None:
+    """Let every HTTP client of the test process reuse one default TLS context.
+
+    httpx builds a new `ssl.SSLContext` for each client, and a default one loads the whole CA
+    bundle: 0.1-0.3 s of CPU on this 2-core machine, for each `server.client()`, each
+    `openai.OpenAI` and each `/health` poll, thousands in a run. The tests speak plain HTTP to
+    loopback, where the context is never used; a client that asks for anything but the default
+    (`verify=` a context, a path or False; a client certificate) still gets its own. Where httpx
+    has no such hook any more, nothing changes (the tests are only slower)."""
+    try:
+        from httpx._transports import default
+    except ImportError:  # pragma: no cover
+        return
+    build = getattr(default, "create_ssl_context", None)
+    if build is None or getattr(build, "shared", False):
+        return
+    made: dict[tuple[bool, str | None, str | None], Any] = {}  # key -> ssl.SSLContext
+
+    def create_ssl_context(verify: Any = True, cert: Any = None, trust_env: bool = True) -> Any:
+        if verify is not True or cert is not None:
+            return build(verify=verify, cert=cert, trust_env=trust_env)
+        # The default context depends on these (httpx reads them when `trust_env`).
+        key = (trust_env, os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+        if key not in made:
+            made[key] = build(verify=verify, cert=cert, trust_env=trust_env)
+        return made[key]
+
+    create_ssl_context.shared = True  # type: ignore[attr-defined]
+    default.create_ssl_context = create_ssl_context
+
+
+share_tls_contexts()
 
 
 def free_port() -> int:
@@ -264,6 +303,74 @@ def org(server: Server) -> Org:
 @pytest.fixture
 def other_org(server: Server) -> Org:
     return create_org(server)
+
+
+@dataclass(frozen=True)
+class SharedModel:
+    """The owner's objects of `shared_model`: read them, grant them, never change them."""
+
+    server: Server
+    owner: Org
+    dataset: dict[str, Any]  # as created, with its first `version`; version 2 holds the same rows
+    rows: int  # rows in each version
+    job_id: str  # the fine-tuning job that trained `model` (succeeded)
+    model: str  # the registered model: one version, trained on version 1; alias `stable` -> 1
+    deployment: dict[str, Any]  # the owner's deployment of `model` (the latest version), loaded
+    tensor: dict[str, Any]  # one OIP input row for the deployment
+
+    @property
+    def dataset_id(self) -> str:
+        return str(self.dataset["id"])
+
+    @property
+    def version_id(self) -> str:
+        return str(self.dataset["version"]["id"])
+
+    @property
+    def source_file(self) -> str:
+        return str(self.dataset["version"]["source_file_ids"][0])
+
+
+SHARED_MODEL_ROWS = 120
+
+
+@pytest.fixture(scope="session")
+def shared_model(server: Server) -> SharedModel:
+    """One owner organisation per backend with a two-version dataset, a small MLP trained on it
+    (2 epochs), the alias `stable` on that version and a loaded deployment: one training job per
+    backend for the whole session instead of one per module.
+
+    Tests share it as the owner's objects and make their own grantee and third organisations
+    (grants are per owner and grantee, so a fresh grantee sees only its own grants). A test must
+    not change these objects: one that deletes, re-versions or re-shares the owner's object, or
+    reads anything summed over the owner's organisation (its usage, its audit log), makes its own.
+    """
+    # Imported here: the test modules import this one.
+    from tests.api.test_deployments import deploy
+    from tests.api.test_fine_tuning import api, make_dataset, tabular_csv, train
+
+    owner = create_org(server, f"shared-owner-{secrets.token_hex(4)}")
+    data = tabular_csv(SHARED_MODEL_ROWS)
+    dataset = make_dataset(server, owner, "shared.csv", data, label_column="label")
+    source_file = dataset["version"]["source_file_ids"][0]
+    with server.client(owner.api_key) as http:
+        second = http.post(
+            f"/v1/datasets/{dataset['id']}/versions", json={"file_ids": [source_file]}
+        )
+        assert second.status_code == 201, second.text
+    job = train(api(server, owner), dataset["version"]["id"], n_epochs=2)
+    assert job.fine_tuned_model is not None
+    model = job.fine_tuned_model
+    with server.client(owner.api_key) as http:
+        alias = http.put(f"/v1/models/{model}/aliases/stable", json={"version": 1})
+        assert alias.status_code == 200, alias.text
+        deployment = deploy(http, model=model, name=f"shared-{secrets.token_hex(3)}")
+        metadata = http.get(f"/v2/models/{deployment['name']}")  # loads it, too
+        assert metadata.status_code == 200, metadata.text
+    [tensor] = metadata.json()["inputs"]
+    width = tensor["shape"][-1]
+    row = {"name": tensor["name"], "shape": [1, width], "datatype": "FP32", "data": [0.0] * width}
+    return SharedModel(server, owner, dataset, SHARED_MODEL_ROWS, job.id, model, deployment, row)
 
 
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:

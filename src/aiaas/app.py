@@ -22,6 +22,7 @@ from aiaas.api import (
     datasets,
     deployments,
     embeddings,
+    explanations,
     files,
     fine_tuning,
     grants,
@@ -33,6 +34,7 @@ from aiaas.api import (
     optimisations,
     organizations,
     predictions,
+    privacy,
     projects,
     registry,
     usage,
@@ -113,6 +115,7 @@ def create_app(settings: Settings) -> FastAPI:
         deployments.router,
         models.router,  # after registry and deployments: its retrieve route takes any path
         predictions.router,
+        explanations.router,
         optimisations.router,
         oip.router,
         organizations.router,
@@ -121,6 +124,7 @@ def create_app(settings: Settings) -> FastAPI:
         audit.router,
         usage.router,
         grants.router,
+        privacy.router,
     ):
         app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

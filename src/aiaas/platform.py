@@ -29,6 +29,7 @@ from aiaas.services.bundles import BundleService
 from aiaas.services.datasets import DatasetService
 from aiaas.services.deployments import DeploymentService
 from aiaas.services.embeddings import DeployedEncoders, EmbeddingService
+from aiaas.services.explanations import ExplanationService
 from aiaas.services.files import FileService
 from aiaas.services.grants import GrantService
 from aiaas.services.imports import ImportService
@@ -40,6 +41,7 @@ from aiaas.services.llm_models import LlmModels
 from aiaas.services.metering import Metering
 from aiaas.services.optimisations import OptimisationService
 from aiaas.services.predictions import PredictionService
+from aiaas.services.privacy import PrivacyService
 from aiaas.services.registry import RegistryService
 from aiaas.services.tenancy import TenancyService
 from aiaas.services.usage import UsageMeter
@@ -92,6 +94,8 @@ class Platform:
     optimisations: OptimisationService
     grants: GrantService
     imports: ImportService
+    explanations: ExplanationService
+    privacy: PrivacyService
     runner: JobRunner | None = None
 
     @classmethod
@@ -239,6 +243,8 @@ class Platform:
                 max_bytes=settings.max_import_bytes,
                 threads=settings.classic_threads,
             ),
+            explanations=ExplanationService(db, blobs, audit, predictions, registry, jobs),
+            privacy=PrivacyService(db, audit, cache_s=settings.auth_cache_s),
         )
 
     def start_models(self) -> None:

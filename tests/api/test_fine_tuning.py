@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 from aiaas.engines.embeddings.export import minilm_l6_v2_dir
 from aiaas.specs.preprocessing import PreprocessingSpec, transform
 from aiaas.specs.shapes import input_shape, model_inputs
-from tests.conftest import Org, Server, assert_error, create_org
+from tests.conftest import Org, Server, SharedModel, assert_error, create_org
 
 POLL_S = 0.2
 JOB_TIMEOUT_S = 120.0
@@ -671,12 +671,13 @@ def test_cancelling_a_running_job_stops_it_and_registers_nothing(server: Server,
 
 
 @pytest.fixture(scope="module")
-def finished_job(server: Server) -> Trained:
-    """A small job that succeeded, once per backend."""
-    org = create_org(server)
-    dataset = make_dataset(server, org, "small.csv", tabular_csv(rows=200, seed=3))
-    job = train(api(server, org), dataset["version"]["id"], n_epochs=2)
-    return Trained(server, org, dataset, job, registered_version(server, org, job))
+def finished_job(shared_model: SharedModel) -> Trained:
+    """A small job that succeeded, once per backend: the one that trained the session's
+    `shared_model` (the tests here only read it, and try what a finished job refuses)."""
+    server, org = shared_model.server, shared_model.owner
+    job = api(server, org).fine_tuning.jobs.retrieve(shared_model.job_id)
+    assert job.status == "succeeded", job
+    return Trained(server, org, shared_model.dataset, job, registered_version(server, org, job))
 
 
 def test_a_finished_job_cannot_be_cancelled_paused_or_resumed(finished_job: Trained) -> None:

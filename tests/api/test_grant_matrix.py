@@ -14,12 +14,13 @@ declared `BODY_NAMES_AN_OBJECT`) must be a key of `MATRIX` or of `EXEMPT` (with 
 new route that touches a shareable object and is missing from both fails
 `test_every_route_that_touches_a_shareable_object_is_in_the_matrix`.
 
-One module-scoped world per backend: A makes one small dataset, trains one 2-epoch MLP on it
-(the registered model) and deploys it; B and C each make a dataset of their own (for the cells
-that need a caller's own file or dataset). Each `(state, kind)` test grants B that state on one
-object only, runs every cell of that kind for A, B and C, and revokes the grant, so states and
-kinds stay independent. Jobs, deployments and optimisations a cell creates are cancelled or
-deleted at once.
+One module-scoped world per backend: A is the owner of the session's `shared_model` (one small
+dataset, one 2-epoch MLP trained on it, the registered model, and its deployment, made once per
+backend for the whole session); B and C are this module's own organisations, and each makes a
+dataset of its own (for the cells that need a caller's own file or dataset). Each
+`(state, kind)` test grants B that state on one object only, runs every cell of that kind for A,
+B and C, and revokes the grant, so states and kinds stay independent. Jobs, deployments and
+optimisations a cell creates are cancelled or deleted at once.
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.api.test_deployments import deploy
-from tests.api.test_fine_tuning import api, make_dataset, tabular_csv, tabular_frame, train
-from tests.conftest import Org, Server, create_org
+from tests.api.test_fine_tuning import make_dataset, tabular_csv, tabular_frame
+from tests.conftest import Org, Server, SharedModel, create_org
 
 STATES = ("none", "use", "train-on", "read", "revoked", "expired")
 KINDS = ("dataset", "model", "deployment")
@@ -92,26 +92,27 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(server: Server) -> World:
-    a, b, c = create_org(server), create_org(server), create_org(server)
-    dataset = make_dataset(server, a, "matrix.csv", tabular_csv(120), label_column="label")
+def world(server: Server, shared_model: SharedModel) -> World:
+    # A's objects are the session's (the alias `stable` names version 1, the deployment is
+    # loaded); no cell changes them. B and C are this module's: grants are per (A, grantee).
+    a = shared_model.owner
+    b, c = create_org(server), create_org(server)
     own = {
         org.id: make_dataset(server, org, "own.csv", tabular_csv(40, seed=9), label_column="label")
         for org in (b, c)
     }
-    job = train(api(server, a), dataset["version"]["id"], n_epochs=2)
-    assert job.fine_tuned_model is not None
-    model = job.fine_tuned_model
-    with server.client(a.api_key) as http:
-        alias = http.put(f"/v1/models/{model}/aliases/stable", json={"version": 1})
-        assert alias.status_code == 200, alias.text
-        deployment = deploy(http, model=model, name=f"matrix-{secrets.token_hex(3)}")
-        metadata = http.get(f"/v2/models/{deployment['name']}")  # loads it, too
-        assert metadata.status_code == 200, metadata.text
-    [tensor] = metadata.json()["inputs"]
-    width = tensor["shape"][-1]
-    row = {"name": tensor["name"], "shape": [1, width], "datatype": "FP32", "data": [0.0] * width}
-    return World(server, a, b, c, dataset, model, deployment, {a.id: dataset, **own}, row)
+    dataset = shared_model.dataset
+    return World(
+        server,
+        a,
+        b,
+        c,
+        dataset,
+        shared_model.model,
+        shared_model.deployment,
+        {a.id: dataset, **own},
+        shared_model.tensor,
+    )
 
 
 # -- the cells ---------------------------------------------------------------------------------
@@ -353,6 +354,28 @@ MODEL_CELLS: dict[Route, tuple[Cell, ...]] = {
     ("DELETE", "/v1/models/{model}"): (
         Cell("model", "write", lambda w, who: Req("DELETE", mv(w)), never(), None),
     ),
+    # Loading is for language models: a trained model is a 400 to whoever may use it, and
+    # does not exist (404) for anyone else.
+    ("POST", "/v1/models/{model}/load"): (
+        Cell(
+            "model",
+            "predict",
+            lambda w, who: Req("POST", mv(w, "/load")),
+            states(USE, 400),
+            400,
+            error_code="model_not_generative",
+        ),
+    ),
+    ("POST", "/v1/models/{model}/unload"): (
+        Cell(
+            "model",
+            "write",
+            lambda w, who: Req("POST", mv(w, "/unload")),
+            states(USE, 400),
+            400,
+            error_code="model_not_generative",
+        ),
+    ),
     # Aliases are the owner's deployment plumbing (names it moves between versions), not part of
     # what `read` shows (versions, artifacts, bundles): 404 to every other organisation, `read`
     # included. (The contract left alias GET to the matrix; the other defensible answer would
@@ -444,6 +467,20 @@ DEPLOYMENT_CELLS: dict[Route, tuple[Cell, ...]] = {
     ),
     ("POST", "/v1/predictions"): (
         Cell("deployment", "predict", predict, states(DEPLOYMENT_USE, 200), 200),
+    ),
+    # An explanation resolves its model exactly as a prediction does.
+    ("POST", "/v1/explanations"): (
+        Cell(
+            "deployment",
+            "predict",
+            lambda w, who: Req(
+                "POST",
+                "/v1/explanations",
+                {"model": w.served(who), "records": predict(w, who).json["records"][:1]},
+            ),
+            states(DEPLOYMENT_USE, 200),
+            200,
+        ),
     ),
     # The deployment is an MLP: with `use`, B reaches it and is told it serves no embeddings
     # (400 model_not_embedding, as A is); without, the very 404 of a name that does not exist.

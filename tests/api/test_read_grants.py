@@ -1,10 +1,11 @@
 """The `read` permission: a grantee reads another organisation's dataset or registered model.
 
 Three organisations on the real server (SQLite and PostgreSQL): A owns a dataset (two versions)
-and a model trained on it once for the module, B is granted one permission at a time, C is a
-bystander. With no grant, `use` or `train-on`, every read route answers B exactly the 404 it
-answers C; with `read` (on every version, or on version 1 only) B reads what the grant reaches
-and nothing else; writes stay A's; a revoke ends it at once.
+and a model trained on it (the session's `shared_model`, trained once per backend); B is this
+module's grantee, granted one permission at a time, and C its bystander. With no grant, `use` or
+`train-on`, every read route answers B exactly the 404 it answers C; with `read` (on every
+version, or on version 1 only) B reads what the grant reaches and nothing else; writes stay A's;
+a revoke ends it at once.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.api.test_fine_tuning import api, make_dataset, tabular_csv, train
-from tests.conftest import Org, Server, assert_error, create_org
+from tests.api.test_fine_tuning import make_dataset, tabular_csv
+from tests.conftest import Org, Server, SharedModel, assert_error, create_org
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class World:
     dataset: dict[str, Any]  # two versions
     file_id: str  # the source file of version 1
     model: str  # one version
+    rows: int  # in each version of the dataset
 
     def dataset_reads(self, version: int = 1) -> list[str]:
         url = f"/v1/datasets/{self.dataset['id']}"
@@ -43,16 +45,12 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(server: Server) -> World:
-    a, b, c = create_org(server), create_org(server), create_org(server)
-    dataset = make_dataset(server, a, "shared.csv", tabular_csv(80, seed=3), label_column="label")
-    file_id = dataset["version"]["source_file_ids"][0]
-    with server.client(a.api_key) as http:
-        v2 = http.post(f"/v1/datasets/{dataset['id']}/versions", json={"file_ids": [file_id]})
-    assert v2.status_code == 201, v2.text
-    job = train(api(server, a), dataset["version"]["id"], n_epochs=2)
-    assert job.fine_tuned_model is not None
-    return World(a, b, c, dataset, file_id, job.fine_tuned_model)
+def world(server: Server, shared_model: SharedModel) -> World:
+    # A's dataset (two versions of the same rows) and model (one version) are the session's;
+    # nothing here changes them. B and C are this module's: grants are per (A, grantee).
+    b, c = create_org(server), create_org(server)
+    shared = shared_model
+    return World(shared.owner, b, c, shared.dataset, shared.source_file, shared.model, shared.rows)
 
 
 @contextmanager
@@ -146,7 +144,7 @@ def test_read_on_every_version_shows_the_grantee_everything_but_writes(
             first = http.get(f"{url}/versions/1").json()
             assert first["preview"] and first["columns"] and first["splits"]
             rows = http.get(f"{url}/versions/1/rows", params={"limit": 5}).json()
-            assert len(rows["data"]) == 5 and rows["total"] == 80
+            assert len(rows["data"]) == 5 and rows["total"] == world.rows
             content = http.get(f"{url}/versions/1/content")
             assert len(content.content) == first["bytes"]
             bundle = http.get(f"/v1/models/{world.model}/versions/1/bundle")

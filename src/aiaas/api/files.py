@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 import anyio
 import anyio.to_thread
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect
 
@@ -19,6 +19,7 @@ from aiaas.errors import InvalidRequest
 from aiaas.protocol.files import UPLOAD_BODY, FileDeleted, FileObject, PurposeName
 from aiaas.protocol.platform import ListResponse
 from aiaas.services.files import FileService
+from aiaas.services.privacy import PrivacyService
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -30,6 +31,10 @@ async def get_files(platform: PlatformDep) -> FileService:
 
 
 FilesDep = Annotated[FileService, Depends(get_files)]
+
+
+async def get_privacy(platform: PlatformDep) -> PrivacyService:
+    return platform.privacy
 
 
 def _purpose(value: str | None) -> FilePurpose | None:
@@ -50,13 +55,21 @@ def _purpose(value: str | None) -> FilePurpose | None:
     openapi_extra=UPLOAD_BODY,
     responses={415: {"description": "The body is not multipart/form-data"}},
 )
-async def create_file(request: Request, ctx: FilesWriteDep, files: FilesDep) -> FileObject:
+async def create_file(
+    request: Request,
+    ctx: FilesWriteDep,
+    files: FilesDep,
+    privacy: Annotated[PrivacyService, Depends(get_privacy)],
+    response: Response,
+) -> FileObject:
     form = StreamingForm(request)
     part = await form.next_file()
     if part is None or part.name != "file":
         raise InvalidRequest("Missing the 'file' part of the upload.", param="file")
     purpose = _purpose(form.fields.get("purpose"))
     assert ctx.project_id is not None
+    # The org's privacy policy for this purpose: under `redact` only redacted bytes are stored.
+    screen = await privacy.file_screen(ctx.org_id, ctx.project_id, purpose)
     # anyio's worker threads, not `asyncio.to_thread` as elsewhere: `form.sync_chunks()` pulls
     # the body through `anyio.from_thread`, which needs an anyio worker thread; and a cancelled
     # wait here still waits for its thread to finish, so `abort` never races `receive` or
@@ -72,7 +85,11 @@ async def create_file(request: Request, ctx: FilesWriteDep, files: FilesDep) -> 
     )
     try:
         await anyio.to_thread.run_sync(
-            lambda: files.receive(upload, form.sync_chunks(), purpose=purpose)
+            lambda: files.receive(
+                upload,
+                screen.wrap(form.sync_chunks()) if screen else form.sync_chunks(),
+                purpose=purpose,
+            )
         )
         await form.finish()
         final = _purpose(form.fields.get("purpose"))
@@ -87,7 +104,10 @@ async def create_file(request: Request, ctx: FilesWriteDep, files: FilesDep) -> 
         if isinstance(exc, ClientDisconnect):
             raise InvalidRequest("The client went away during the upload.") from exc
         raise
-    return FileObject.from_domain(stored)
+    if screen is None:
+        return FileObject.from_domain(stored)
+    response.headers.update(screen.headers)
+    return FileObject.from_domain(stored).model_copy(update={"status_details": screen.details})
 
 
 @router.get("", response_model=ListResponse[FileObject])

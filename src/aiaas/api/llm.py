@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from aiaas.api.deps import PlatformDep, metered
@@ -22,6 +22,7 @@ from aiaas.protocol.openai import (
 )
 from aiaas.services.inference import InferenceService
 from aiaas.services.metering import MeteredCall
+from aiaas.services.privacy import PrivacyService
 from aiaas.services.serving import ChatServing, CompletionServing
 
 router = APIRouter(prefix="/v1", tags=["inference"])
@@ -37,6 +38,13 @@ async def get_inference(platform: PlatformDep) -> InferenceService:
 InferenceServiceDep = Annotated[InferenceService, Depends(get_inference)]
 
 
+async def get_privacy(platform: PlatformDep) -> PrivacyService:
+    return platform.privacy
+
+
+PrivacyDep = Annotated[PrivacyService, Depends(get_privacy)]
+
+
 async def _until_disconnected(request: Request) -> None:
     """Returns when the client has gone: a non-streamed generation stops then."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -49,12 +57,16 @@ async def create_chat_completion(
     request: Request,
     call: ChatCallDep,
     inference: InferenceServiceDep,
+    privacy: PrivacyDep,
+    response: Response,
 ) -> ChatCompletion | StreamingResponse:
     call.model = body.model
+    body, screened = await privacy.screen_chat(call.principal, body)  # the org's policy
     gens = await inference.chat(call, body)
     serving = ChatServing(body, gens, call)
     if body.stream:
-        return event_stream(serving.stream())
+        return _with_headers(event_stream(serving.stream()), screened.headers)
+    response.headers.update(screened.headers)
     return await serving.full(_until_disconnected(request))
 
 
@@ -64,10 +76,19 @@ async def create_completion(
     request: Request,
     call: CompletionCallDep,
     inference: InferenceServiceDep,
+    privacy: PrivacyDep,
+    response: Response,
 ) -> Completion | StreamingResponse:
     call.model = body.model
+    body, screened = await privacy.screen_completion(call.principal, body)  # the org's policy
     gens = await inference.complete(call, body)
     serving = CompletionServing(body, gens, call)
     if body.stream:
-        return event_stream(serving.stream())
+        return _with_headers(event_stream(serving.stream()), screened.headers)
+    response.headers.update(screened.headers)
     return await serving.full(_until_disconnected(request))
+
+
+def _with_headers(stream: StreamingResponse, headers: dict[str, str]) -> StreamingResponse:
+    stream.headers.update(headers)
+    return stream

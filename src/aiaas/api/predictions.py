@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 
-from aiaas.api.deps import InferenceCtxDep, PredictionsDep, metered
+from aiaas.api.deps import InferenceCtxDep, PlatformDep, PredictionsDep, metered
 from aiaas.protocol.predictions import PredictionItem, PredictionRequest, PredictionResponse
 from aiaas.services.metering import MeteredCall
+from aiaas.services.privacy import PrivacyService
 
 router = APIRouter(prefix="/v1/predictions", tags=["predictions"])
+
+
+async def get_privacy(platform: PlatformDep) -> PrivacyService:
+    return platform.privacy
 
 
 @router.post("", response_model=PredictionResponse)
@@ -19,14 +24,20 @@ async def predict(
     ctx: InferenceCtxDep,
     predictions: PredictionsDep,
     call: Annotated[MeteredCall, Depends(metered("predictions"))],
+    privacy: Annotated[PrivacyService, Depends(get_privacy)],
+    response: Response,
 ) -> PredictionResponse:
     """The deployment's preprocessing spec is applied to the inputs exactly as in training."""
     call.model = body.model
+    texts, records, screened = await privacy.screen_prediction_inputs(  # the org's policy
+        call.principal, body.texts, body.records
+    )
+    response.headers.update(screened.headers)
     served, results = await predictions.predict(
         org_id=ctx.org_id,
         name=body.model,
-        records=body.records,
-        texts=body.texts,
+        records=records,
+        texts=texts,
         images=body.images,
         weight=ctx.principal.weight,
         call=call,

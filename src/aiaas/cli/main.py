@@ -17,9 +17,11 @@ from rich.console import Console
 from rich.table import Table
 
 from aiaas.cli.data import datasets_app, files_app
+from aiaas.cli.explain import explain
 from aiaas.cli.grants import catalog, grants_app
 from aiaas.cli.models import deploy, deployments_app, export, models_app
 from aiaas.cli.optimise import optimise_app
+from aiaas.cli.privacy import privacy_app
 from aiaas.cli.training import jobs_app, train
 from aiaas.cli.usage import usage
 from aiaas.domain import Actor
@@ -44,7 +46,9 @@ app.command()(deploy)
 app.command()(usage)
 app.add_typer(optimise_app, name="optimise")
 app.command()(export)
+app.command()(explain)
 app.add_typer(grants_app, name="grants")
+app.add_typer(privacy_app, name="privacy")
 app.command()(catalog)
 
 _CLI_ACTOR = Actor(type="cli")

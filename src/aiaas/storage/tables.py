@@ -411,3 +411,19 @@ usage_monthly = Table(
     Column("tokens", BigInteger, nullable=False),
     UniqueConstraint("org_id", "month", name="uq_usage_monthly_org_id_month"),
 )
+
+# Privacy policies (issue 28): one row per organisation (`project_id` ""), and optionally one per
+# project, which then replaces the organisation's for that project. `policy` is the JSON of
+# privacy.policy.PrivacyPolicy (modes per entry point, modes per file purpose, entity types,
+# pseudonymise).
+privacy_policies = Table(
+    "privacy_policies",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("org_id", String(64), ForeignKey("organizations.id"), nullable=False),
+    Column("project_id", String(64), nullable=False, default="", server_default=""),
+    Column("policy", Text, nullable=False),
+    Column("updated_by", String(64), nullable=True),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("org_id", "project_id", name="uq_privacy_policies_org_id_project_id"),
+)

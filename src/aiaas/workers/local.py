@@ -55,6 +55,7 @@ class LocalExecutor:
 def worker_main(settings: Settings, job_id: str, token: str, kind: str = "training") -> None:
     """The worker process: run one job, then exit."""
     from aiaas.observability.logs import configure_logging
+    from aiaas.workers.explain_job import run_explanation_job
     from aiaas.workers.optimisation_job import run_optimisation_job
     from aiaas.workers.training_job import run_training_job
 
@@ -67,5 +68,7 @@ def worker_main(settings: Settings, job_id: str, token: str, kind: str = "traini
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda _signum, _frame: shutdown.set())
     logging.getLogger("aiaas.worker").info("worker %d runs job %s", os.getpid(), job_id)
-    run = run_optimisation_job if kind == "optimisation" else run_training_job
+    run = {"optimisation": run_optimisation_job, "explanation": run_explanation_job}.get(
+        kind, run_training_job
+    )
     run(settings, job_id, token, shutdown=shutdown)

@@ -51,6 +51,7 @@ from aiaas.training.evaluate import (
     evaluate_regression,
     summary,
 )
+from aiaas.training.explain import permutation_importance
 from aiaas.training.export import export_onnx, export_text_encoder, verify_onnx
 from aiaas.training.plan import TrainingPlan
 from aiaas.training.trainer import EpochMetrics, Stop, Trainer, TrainResult, predict
@@ -313,6 +314,11 @@ def _register(
     evaluation = _evaluate(lease, plan, data, model)
     exported = _export(plan, data, model, evaluation.split)
     metrics = _version_metrics(data, result, evaluation, exported.onnx_max_abs_diff)
+    importance = permutation_importance(
+        model, evaluation.split.inputs, evaluation.split.targets, data.spec, seed=lease.job.seed
+    )
+    if importance is not None:  # global explanation of a model with tabular columns
+        metrics["permutation_importance"] = {"split": evaluation.split_name, **importance}
     lineage = _lineage(storage, lease.job, plan)
     if lease.stop_requested() is Stop.CANCEL:
         lease.finish(JobStatus.CANCELLED, "Job cancelled before its model was registered.")
