@@ -38,7 +38,7 @@ from aiaas.ids import new_id
 from aiaas.services.audit import AuditService
 from aiaas.services.jobs import JobService, queue_job
 from aiaas.services.metering import MeteredCall
-from aiaas.services.predictions import PredictionService, Served, _records_from
+from aiaas.services.predictions import PredictionService, Served, records_from
 from aiaas.services.registry import RegistryService
 from aiaas.specs.preprocessing import PreprocessingSpec, TextStep
 from aiaas.specs.shapes import MINILM, TOKENIZER_REF
@@ -147,7 +147,7 @@ class ExplanationService:
         classic = loaded.model
         if not isinstance(classic, ClassicModel):
             raise _imported(method)
-        rows = records if records is not None else _records_from(classic, texts, images)
+        rows = records if records is not None else records_from(classic, texts, images)
         explainer = await self._explainer(served.routed.version, classic)
         resolved = resolve_options(explainer, method, options)
         baseline = explainer.baselines_used(resolved)  # a bad baseline is a 400 here, job or not

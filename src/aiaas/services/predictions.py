@@ -116,7 +116,7 @@ class PredictionService:
     ) -> tuple[Served, list[Prediction]]:
         served = await self.serve(org_id=org_id, name=name, call=call)
         model = served.loaded.model
-        rows = records if records is not None else _records_from(model, texts, images)
+        rows = records if records is not None else records_from(model, texts, images)
         inputs = await served.loaded.encode_records(rows)
         logits = await served.loaded.infer(inputs, tenant=org_id, weight=weight)
         self._count(served, org_id, "predictions", len(logits))
@@ -226,7 +226,7 @@ def _not_predictive(version: ModelVersion) -> InvalidRequest:
     )
 
 
-def _records_from(
+def records_from(
     model: ServedModel, texts: list[str] | None, images: list[str] | None
 ) -> list[dict[str, object]]:
     """Texts or images as records of the model's one text or image column."""

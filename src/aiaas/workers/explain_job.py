@@ -20,7 +20,7 @@ from aiaas.errors import InvalidRequest
 from aiaas.services.audit import AuditService
 from aiaas.services.explanations import load_explainer, render, resolve_options
 from aiaas.services.files import FileService
-from aiaas.services.predictions import _records_from
+from aiaas.services.predictions import records_from
 from aiaas.services.registry import RegistryService
 from aiaas.settings import Settings
 from aiaas.specs.preprocessing import PreprocessingSpec
@@ -76,7 +76,7 @@ def _explain(settings: Settings, storage: Storage, lease: JobLease) -> None:
     given = json.loads(b"".join(storage.blobs.open(spec["input_blob"])))
     rows = given.get("records")
     if rows is None:
-        rows = _records_from(served, given.get("texts"), given.get("images"))
+        rows = records_from(served, given.get("texts"), given.get("images"))
     lease.event(f"Explaining {len(rows)} records with {method}.")
     lines: list[bytes] = []
     last_event = time.monotonic()
