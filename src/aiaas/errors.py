@@ -14,6 +14,7 @@ ApiError                         -> {"error": {"message", "type", "param", "code
 ├── UnsupportedMediaType  415    unsupported_media_type
 ├── RateLimited           429    rate_limit_exceeded (+ retry_after)
 │   └── InsufficientQuota        429 insufficient_quota: the month's quota is spent
+├── ClientGone            499    client_closed_request: nobody is left to read the answer
 ├── ServerError           500    server_error
 │   └── BlobIntegrityError       500 a stored blob failed authentication
 └── ServiceUnavailable    503    not ready yet
@@ -123,6 +124,15 @@ class RateLimited(ApiError):
 class InsufficientQuota(RateLimited):
     type = "insufficient_quota"
     code = "insufficient_quota"
+
+
+class ClientGone(ApiError):
+    """The client disconnected before the answer was ready: nobody will read this one (the
+    status is nginx's 499, so access logs and metrics tell it from a server error)."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
 
 
 class ServerError(ApiError):

@@ -62,7 +62,8 @@ class RequestInput(Request):
             if expected == "INT64":
                 array = np.asarray(values, dtype=np.int64)
             else:
-                array = np.asarray(values, dtype=np.float64).astype(np.float32)
+                with np.errstate(over="ignore"):  # too large for FP32: inf, refused below
+                    array = np.asarray(values, dtype=np.float64).astype(np.float32)
         except (ValueError, TypeError, OverflowError) as exc:
             raise InvalidRequest(
                 f"input {self.name!r}: data is not {expected} ({exc})", param=self.name

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable
 from pydantic import BaseModel
 
 from aiaas.engines.llm.params import Delta, Final, FinishReason, TokenLogprob
+from aiaas.errors import ClientGone
 from aiaas.protocol.openai import (
     AssistantMessage,
     ChatChoice,
@@ -91,6 +92,8 @@ async def _collect(
         if not work.done():
             work.cancel()
             gens.cancel()
+    if not work.done() or work.cancelled():
+        raise ClientGone("The client disconnected before the completion was ready.")
     return work.result()
 
 

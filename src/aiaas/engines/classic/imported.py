@@ -25,6 +25,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from aiaas.engines.classic.model import MAX_RECORDS, Prediction, TensorSpec, check_tensors
+from aiaas.engines.onnx_options import session_options
 from aiaas.errors import InvalidRequest
 from aiaas.specs.signature import ModelSignature, TensorSignature
 
@@ -203,12 +204,7 @@ class ImportedModel:
 
 def open_session(onnx: bytes | str, threads: int) -> ort.InferenceSession:
     """An ONNX Runtime session on the CPU; ValueError with ORT's reason if it cannot open."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = session_options(threads=threads)
     try:
         return ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
     except ORT_ERRORS as exc:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, PositiveInt
 from tokenizers import Tokenizer
 
 from aiaas.engines.embeddings.export import minilm_l6_v2_dir
+from aiaas.engines.onnx_options import session_options
 from aiaas.errors import InvalidRequest
 from aiaas.specs.preprocessing import (
     PreprocessingSpec,
@@ -275,13 +276,8 @@ class ClassicModel:
 
 
 def _session(onnx: bytes, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
     # No busy-waiting between calls: idle gaps would burn the cores other engines need.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = session_options(threads=threads)
     try:
         return ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
     except _ORT_ERRORS as exc:

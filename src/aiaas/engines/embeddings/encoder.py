@@ -20,6 +20,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from aiaas.engines.embeddings.export import ExportedModel, PoolingConfig, Variant
+from aiaas.engines.onnx_options import session_options
 from aiaas.errors import ContextLengthExceeded, InvalidRequest
 
 ONE_BY_ONE = 8  # up to this many texts are tokenised with encode(), which keeps the GIL
@@ -66,12 +67,7 @@ class SentenceEncoder:
         self.model = model
         self.variant: Variant = variant
         self.pooling: PoolingConfig = model.pooling
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        options = session_options(threads=intra_op_threads, spin=spin)
         source = model.onnx(variant)
         self._session = ort.InferenceSession(
             source if isinstance(source, bytes) else str(source),

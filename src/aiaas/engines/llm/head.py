@@ -38,6 +38,7 @@ import numpy as np
 
 from aiaas.engines.llm.gguf_index import Q8_0, ggml_library, output_matrix, read_tensor_table
 from aiaas.engines.llm.sampler import logits_view
+from aiaas.engines.onnx_options import session_options
 
 if TYPE_CHECKING:
     from aiaas.engines.llm.model import LlamaModel
@@ -231,11 +232,8 @@ def _session(weights: np.ndarray, scales: np.ndarray, n_embd: int, threads: int)
         graph,
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
     )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
     # Its threads must not spin after a run: llama.cpp's threads need the cores next.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = session_options(threads=threads, optimise=False)
     return ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
