@@ -136,14 +136,12 @@ class InferenceService:
 
     def models(self) -> list[Model]:
         """The models served to everyone: configured LLMs (loaded or not) and embedders."""
+        loaded = {m.key: m.created for m in self._pool.llms()}
         llms = [
-            Model(id=spec.id, created=spec.created or 0, owned_by=spec.owned_by)
+            Model(
+                id=spec.id, created=loaded.get(spec.id, spec.created or 0), owned_by=spec.owned_by
+            )
             for spec in self._pool.configured_llms()
-        ]
-        loaded = {m.key: m for m in self._pool.llms()}
-        llms = [
-            m.model_copy(update={"created": loaded[m.id].created}) if m.id in loaded else m
-            for m in llms
         ]
         embedders = [
             Model(id=m.id, created=m.created, owned_by=m.owned_by) for m in self._pool.embedders()
