@@ -15,6 +15,7 @@ from aiaas.domain import Job, JobCheckpoint, JobEvent
 from aiaas.protocol.platform import IdStr, ModelRef, Request
 from aiaas.specs.hyperparameters import HyperparameterChoices
 from aiaas.specs.jobs import JobRequest
+from aiaas.specs.lora import LORA_BASES
 from aiaas.specs.shapes import ARCHITECTURES, ArchitectureOptions
 from aiaas.specs.types import Task
 
@@ -36,14 +37,17 @@ class JobCreate(Request):
     model: str = Field(
         min_length=1,
         max_length=64,
-        description=f"The base to train: one of {', '.join(ARCHITECTURES)}.",
+        description=f"The base to train: one of {', '.join(ARCHITECTURES)}; or a chat model "
+        f"({', '.join(LORA_BASES)}) to fine-tune with LoRA.",
     )
     training_file: IdStr = Field(
-        description="A dataset version id (dsv_...), or a dataset id (ds_...: its latest version)."
+        description="A dataset version id (dsv_...), or a dataset id (ds_...: its latest version). "
+        "For a chat model: a chat JSONL file uploaded with purpose fine-tune (file-...)."
     )
-    validation_file: None = Field(
+    validation_file: IdStr | None = Field(
         default=None,
-        description="Not used: the dataset version's own validation split is the validation set.",
+        description="A chat model's validation set: a chat JSONL file (purpose fine-tune). "
+        "Classic models use the dataset version's own validation split.",
     )
     hyperparameters: HyperparameterChoices | None = None
     method: Method | None = None
@@ -99,6 +103,7 @@ class JobCreate(Request):
             suffix=self.suffix,
             metadata=self.metadata,
             register_to=self.register_to,
+            validation_file=self.validation_file,
         )
 
 
@@ -115,6 +120,11 @@ class JobHyperparameters(BaseModel):
     learning_rate: float | None = None
     weight_decay: float | None = None
     early_stopping_patience: int | None = None
+    # LoRA jobs (a chat model) only
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    target_modules: list[str] | None = None
 
 
 class JobProgress(BaseModel):
@@ -161,7 +171,12 @@ class FineTuningJob(BaseModel):
             learning_rate=spec_hyper.get("learning_rate"),
             weight_decay=spec_hyper.get("weight_decay"),
             early_stopping_patience=spec_hyper.get("early_stopping_patience"),
+            lora_rank=spec_hyper.get("lora_rank"),
+            lora_alpha=spec_hyper.get("lora_alpha"),
+            lora_dropout=spec_hyper.get("lora_dropout"),
+            target_modules=spec_hyper.get("target_modules"),
         )
+        trained_tokens = (job.result or {}).get("trained_tokens")
         return cls(
             id=job.id,
             created_at=int(job.created_at),
@@ -174,6 +189,8 @@ class FineTuningJob(BaseModel):
             seed=job.seed,
             status=job.status.value,
             training_file=job.dataset_version_id,
+            validation_file=job.spec.get("validation_file"),
+            trained_tokens=trained_tokens if isinstance(trained_tokens, int) else None,
             estimated_finish=int(job.estimated_finish) if job.estimated_finish else None,
             metadata=job.metadata,
             method={

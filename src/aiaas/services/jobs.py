@@ -22,6 +22,7 @@ from aiaas.data.profile import DatasetProfile
 from aiaas.domain import (
     Actor,
     DatasetVersion,
+    FilePurpose,
     Grant,
     GrantPermission,
     Job,
@@ -31,24 +32,37 @@ from aiaas.domain import (
     JobStatus,
     Page,
     SharedKind,
+    StoredFile,
 )
-from aiaas.errors import InvalidRequest, NotFound
+from aiaas.engines.llm.bundled import BUNDLED_GGUF
+from aiaas.errors import BlobNotFound, InvalidRequest, NotFound
 from aiaas.ids import new_id
 from aiaas.services.audit import AuditService
 from aiaas.services.grants import GrantService
 from aiaas.specs.jobs import JobRequest
+from aiaas.specs.lora import (
+    LORA_BASES,
+    LORA_KIND,
+    LORA_TASK,
+    LoraPlan,
+    resolve_lora_hyperparameters,
+)
 from aiaas.specs.preprocessing import PreprocessingSpec
 from aiaas.storage.blobs import EncryptedBlobStore
 from aiaas.storage.db import Database
 from aiaas.storage.repos import datasets as datasets_repo
+from aiaas.storage.repos import files as files_repo
 from aiaas.storage.repos import jobs as repo
 from aiaas.storage.repos import registry as registry_repo
 from aiaas.storage.repos import tenancy as tenancy_repo
+from aiaas.training.chat_data import read_chats
 from aiaas.training.plan import TrainingPlan, plan
 
 log = logging.getLogger("aiaas.jobs")
 
 TRAINING = "training"
+# The kinds each service's reads and controls see: /v1/fine_tuning/jobs shows LoRA jobs too.
+_SEEN = {TRAINING: (TRAINING, LORA_KIND)}
 _SLUG = re.compile(r"[^a-z0-9]+")
 
 
@@ -83,6 +97,10 @@ class JobService:
     def _wake_runner(self) -> None:
         self.wake()
 
+    @property
+    def _kinds(self) -> tuple[str, ...]:
+        return _SEEN.get(self.kind, (self.kind,))
+
     def of_kind(self, kind: str) -> JobService:
         """The same service for another kind of job (reads, control): e.g. optimisations."""
         other = copy.copy(self)
@@ -92,6 +110,23 @@ class JobService:
     # -- create ----------------------------------------------------------------------------------
 
     def create(self, *, org_id: str, project_id: str, actor: Actor, request: JobRequest) -> Job:
+        if request.model in LORA_BASES or request.model in BUNDLED_GGUF:
+            return self._create_lora(
+                org_id=org_id, project_id=project_id, actor=actor, request=request
+            )
+        lora_only = request.hyperparameters.lora_fields_set()
+        if lora_only:
+            raise InvalidRequest(
+                f"{', '.join(lora_only)}: LoRA hyperparameters apply to fine-tuning a chat model "
+                f"({', '.join(LORA_BASES)}), not to {request.model!r}.",
+                param=f"hyperparameters.{lora_only[0]}",
+            )
+        if request.validation_file is not None:
+            raise InvalidRequest(
+                "validation_file is for chat models: a dataset version's own validation split "
+                "is the validation set of a classic model.",
+                param="validation_file",
+            )
         job_id = new_id("ftjob", sep="-")
         with self._db.read() as conn:
             version, grant = self._training_version(conn, org_id, request.training_file)
@@ -194,6 +229,144 @@ class JobService:
         self._wake_runner()
         return job
 
+    def _create_lora(
+        self, *, org_id: str, project_id: str, actor: Actor, request: JobRequest
+    ) -> Job:
+        """A LoRA job on a chat model: check the chat files (a bad line is a 400 naming it) and
+        the hyperparameters, then queue it (see workers/lora_job.py)."""
+        if request.model not in LORA_BASES:
+            raise InvalidRequest(
+                f"{request.model!r} cannot be fine-tuned yet; LoRA fine-tuning supports "
+                f"{', '.join(LORA_BASES)}.",
+                param="model",
+                code="model_not_supported",
+            )
+        for name, value in (("task", request.task), ("target_column", request.target_column)):
+            if value is not None:
+                raise InvalidRequest(
+                    f"{name} is for classic models; a chat model learns its assistant messages.",
+                    param=name,
+                )
+        job_id = new_id("ftjob", sep="-")
+        training, examples = self._chat_file(org_id, request.training_file, "training_file")
+        validation, valid_examples = (None, 0)
+        if request.validation_file is not None:
+            validation, valid_examples = self._chat_file(
+                org_id, request.validation_file, "validation_file"
+            )
+        choices = request.hyperparameters
+        hyper = resolve_lora_hyperparameters(
+            n_epochs=choices.n_epochs,
+            batch_size=choices.batch_size,
+            learning_rate=choices.learning_rate,
+            learning_rate_multiplier=choices.learning_rate_multiplier,
+            weight_decay=choices.weight_decay,
+            early_stopping_patience=choices.early_stopping_patience,
+            lora_rank=choices.lora_rank,
+            lora_alpha=choices.lora_alpha,
+            lora_dropout=choices.lora_dropout,
+            target_modules=choices.target_modules,
+            training_examples=examples,
+        )
+        with self._db.read() as conn:
+            org = tenancy_repo.get_org(conn, org_id)
+            target_model = None
+            if request.register_to is not None:
+                target_model = registry_repo.get_model(
+                    conn, org_id=org_id, model_id=request.register_to
+                )
+        assert org is not None
+        if request.register_to is not None:
+            if target_model is None:
+                raise NotFound(
+                    f"The model '{request.register_to}' does not exist.", param="register_to"
+                )
+            if (target_model.base, target_model.task) != (request.model, LORA_TASK):
+                raise InvalidRequest(
+                    f"Model '{target_model.id}' is a {target_model.task} {target_model.base}; "
+                    f"this job trains a LoRA adapter of {request.model}.",
+                    param="register_to",
+                )
+        model_name = request.register_to or fine_tuned_name(
+            request.model, org.name, request.suffix, job_id
+        )
+        spec = LoraPlan(
+            model=request.model,
+            training_file=training.id,
+            training_file_sha256=training.sha256,
+            training_examples=examples,
+            validation_file=validation.id if validation else None,
+            validation_file_sha256=validation.sha256 if validation else None,
+            validation_examples=valid_examples,
+            hyperparameters=hyper,
+            model_name=model_name,
+        )
+        with self._db.write() as conn:
+            job = queue_job(
+                conn,
+                job_id=job_id,
+                org_id=org_id,
+                project_id=project_id,
+                actor=actor,
+                kind=LORA_KIND,
+                model=request.model,
+                dataset_version_id=training.id,
+                task=LORA_TASK,
+                target_column="",
+                spec=spec.model_dump(mode="json"),
+                seed=request.seed,
+                suffix=request.suffix,
+                metadata=request.metadata,
+                register_to=request.register_to,
+            )
+            also = f" and {valid_examples} in {validation.id}" if validation else ""
+            repo.add_event(
+                conn,
+                job_id=job_id,
+                message=(
+                    f"Validated {examples} conversations in {training.id}{also}: LoRA "
+                    f"(rank {hyper.lora_rank}, alpha {hyper.lora_alpha:g}, "
+                    f"{', '.join(hyper.target_modules)}) on {request.model}."
+                ),
+            )
+            repo.add_event(conn, job_id=job_id, message="Job queued.")
+            self._audit.record(
+                conn,
+                actor=actor,
+                action="job.created",
+                target_type="job",
+                target_id=job_id,
+                org_id=org_id,
+                project_id=project_id,
+                data={
+                    "model": request.model,
+                    "method": "lora",
+                    "training_file": training.id,
+                    **({"validation_file": validation.id} if validation else {}),
+                },
+            )
+        self._wake_runner()
+        return job
+
+    def _chat_file(self, org_id: str, file_id: str, param: str) -> tuple[StoredFile, int]:
+        """The organisation's chat file and its number of conversations, read and checked
+        through the same validator as at upload; another organisation's file is a 404."""
+        with self._db.read() as conn:
+            stored = files_repo.get(conn, org_id=org_id, file_id=file_id)
+        if stored is None:
+            raise NotFound(f"No such File object: {file_id}", param=param)
+        if stored.purpose is not FilePurpose.FINE_TUNE:
+            raise InvalidRequest(
+                f"File {file_id} has purpose {stored.purpose.value!r}; a chat model trains on "
+                "files uploaded with purpose 'fine-tune'.",
+                param=param,
+            )
+        try:
+            examples = read_chats(self._blobs.open(stored.blob_key), param=param)
+        except BlobNotFound:  # deleted meanwhile
+            raise NotFound(f"No such File object: {file_id}", param=param) from None
+        return stored, len(examples)
+
     def _training_version(
         self, conn: Connection, org_id: str, ref: str
     ) -> tuple[DatasetVersion, Grant | None]:
@@ -261,7 +434,7 @@ class JobService:
 
     def get(self, *, org_id: str, job_id: str) -> Job:
         with self._db.read() as conn:
-            job = repo.get_job(conn, org_id=org_id, job_id=job_id, kind=self.kind)
+            job = repo.get_job(conn, org_id=org_id, job_id=job_id, kind=self._kinds)
         if job is None:
             raise _no_job(job_id)
         return job
@@ -271,7 +444,7 @@ class JobService:
     ) -> Page[Job]:
         with self._db.read() as conn:
             return repo.list_jobs(
-                conn, org_id=org_id, after=after, limit=limit, metadata=metadata, kind=self.kind
+                conn, org_id=org_id, after=after, limit=limit, metadata=metadata, kind=self._kinds
             )
 
     def events(self, *, org_id: str, job_id: str, after: str | None, limit: int) -> Page[JobEvent]:
@@ -357,7 +530,7 @@ class JobService:
             time.sleep(0.05)
 
     def _get_in(self, conn: Connection, org_id: str, job_id: str) -> Job:
-        job = repo.get_job(conn, org_id=org_id, job_id=job_id, kind=self.kind)
+        job = repo.get_job(conn, org_id=org_id, job_id=job_id, kind=self._kinds)
         if job is None:
             raise _no_job(job_id)
         return job
@@ -468,4 +641,4 @@ def _bad_state(job: Job, verb: str, why: str) -> InvalidRequest:
     )
 
 
-__all__ = ["TRAINING", "JobRequest", "JobService", "TrainingPlan", "fine_tuned_name"]
+__all__ = ["LORA_KIND", "TRAINING", "JobRequest", "JobService", "TrainingPlan", "fine_tuned_name"]

@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from aiaas.specs.lora import LORA_FIELDS
+
 __all__ = ["HyperparameterChoices"]
 
 Auto = Literal["auto"]
@@ -35,3 +37,21 @@ class HyperparameterChoices(BaseModel):
         validation_alias=AliasChoices("early_stopping_patience", "early_stopping"),
         description="Stop after this many epochs without a better validation loss.",
     )
+    # LoRA fine-tuning of a chat model only (see specs/lora.py); a classic job refuses them.
+    lora_rank: int | None = Field(None, ge=1, le=256, description="LoRA rank r (default 8).")
+    lora_alpha: float | None = Field(
+        None, gt=0, le=4096, description="LoRA alpha; the update is scaled by alpha / r (2 r)."
+    )
+    lora_dropout: float | None = Field(
+        None, ge=0, lt=1, description="Dropout on the adapter's input (default 0.05)."
+    )
+    target_modules: list[str] | None = Field(
+        None,
+        min_length=1,
+        max_length=7,
+        description="Layers of each block that get an adapter (default q_proj, v_proj).",
+    )
+
+    def lora_fields_set(self) -> list[str]:
+        """The LoRA-only fields this request sets."""
+        return [name for name in LORA_FIELDS if getattr(self, name) is not None]

@@ -20,7 +20,9 @@ class JobRequest:
     """A create request, parsed (see protocol/fine_tuning.py)."""
 
     model: str
-    training_file: str  # a dataset version id, or a dataset id (its latest version)
+    # A dataset version id, or a dataset id (its latest version); for a LoRA job on a chat model,
+    # a file id (an uploaded chat JSONL file, purpose fine-tune).
+    training_file: str
     hyperparameters: HyperparameterChoices
     architecture: ArchitectureOptions
     task: Task | None
@@ -29,3 +31,4 @@ class JobRequest:
     suffix: str | None
     metadata: dict[str, str] | None
     register_to: str | None
+    validation_file: str | None = None  # LoRA jobs only: a chat JSONL file id

@@ -56,6 +56,7 @@ def worker_main(settings: Settings, job_id: str, token: str, kind: str = "traini
     """The worker process: run one job, then exit."""
     from aiaas.observability.logs import configure_logging
     from aiaas.workers.explain_job import run_explanation_job
+    from aiaas.workers.lora_job import run_lora_job
     from aiaas.workers.optimisation_job import run_optimisation_job
     from aiaas.workers.training_job import run_training_job
 
@@ -63,12 +64,16 @@ def worker_main(settings: Settings, job_id: str, token: str, kind: str = "traini
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # Models load from local files only (a bundled GGUF, a cache folder): never from a hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     configure_logging(settings.log_level)
     shutdown = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda _signum, _frame: shutdown.set())
     logging.getLogger("aiaas.worker").info("worker %d runs job %s", os.getpid(), job_id)
-    run = {"optimisation": run_optimisation_job, "explanation": run_explanation_job}.get(
-        kind, run_training_job
-    )
+    run = {
+        "optimisation": run_optimisation_job,
+        "explanation": run_explanation_job,
+        "lora": run_lora_job,
+    }.get(kind, run_training_job)
     run(settings, job_id, token, shutdown=shutdown)

@@ -57,7 +57,7 @@ class RunnerConfig:
     housekeeping: Callable[[], object] | None = None
     housekeeping_s: float = 300.0
     slots: int = 1
-    kinds: tuple[str, ...] = ("training", "optimisation", "explanation")
+    kinds: tuple[str, ...] = ("training", "lora", "optimisation", "explanation")
     poll_s: float = 1.0
     heartbeat_timeout_s: float = 60.0
     max_attempts: int = 3

@@ -113,12 +113,19 @@ def insert_job(
     return found
 
 
-def get_job(conn: Connection, *, org_id: str, job_id: str, kind: str | None = None) -> Job | None:
+def get_job(
+    conn: Connection, *, org_id: str, job_id: str, kind: str | Iterable[str] | None = None
+) -> Job | None:
     where = [jobs.c.id == job_id, jobs.c.org_id == org_id]
     if kind is not None:
-        where.append(jobs.c.kind == kind)
+        where.append(_of_kind(kind))
     row = conn.execute(select(jobs).where(*where)).first()
     return _job(row) if row else None
+
+
+def _of_kind(kind: str | Iterable[str]) -> Any:
+    """A filter on one kind of job, or on any of several."""
+    return jobs.c.kind == kind if isinstance(kind, str) else jobs.c.kind.in_(list(kind))
 
 
 def get_job_any(conn: Connection, *, job_id: str) -> Job | None:
@@ -134,11 +141,11 @@ def list_jobs(
     after: str | None,
     limit: int,
     metadata: dict[str, str],
-    kind: str | None = None,
+    kind: str | Iterable[str] | None = None,
 ) -> Page[Job]:
     where = [jobs.c.org_id == org_id]
     if kind is not None:
-        where.append(jobs.c.kind == kind)
+        where.append(_of_kind(kind))
     if not metadata:
         rows, more = fetch_page(
             conn, jobs, where=where, after=after, limit=limit, newest_first=True
