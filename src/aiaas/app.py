@@ -19,6 +19,7 @@ from aiaas import __version__
 from aiaas.api import (
     api_keys,
     audit,
+    batches,
     datasets,
     deployments,
     embeddings,
@@ -78,9 +79,12 @@ def create_app(settings: Settings) -> FastAPI:
             platform.start_models()
             platform.start_metering()
             platform.start_jobs()
+            platform.start_batches()
             app.state.platform = platform
             yield
         finally:
+            await platform.stop_batches()  # before the engines close: finished lines are kept
+            await platform.metering.limiter.aclose()  # its Redis client lives on this loop
             await asyncio.to_thread(platform.close)
 
     app = FastAPI(
@@ -125,6 +129,7 @@ def create_app(settings: Settings) -> FastAPI:
         usage.router,
         grants.router,
         privacy.router,
+        batches.router,
     ):
         app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -208,6 +208,7 @@ class AuditEvent:
 class FilePurpose(StrEnum):
     FINE_TUNE = "fine-tune"
     BATCH = "batch"
+    BATCH_OUTPUT = "batch_output"  # written by a batch (its output and error files), never uploaded
     DATASET = "dataset"
     USER_DATA = "user_data"
 
@@ -328,6 +329,72 @@ class Job:
     finished_at: float | None
     result: dict[str, Any] | None = None  # what the job made (an optimisation's table)
     grant_id: str | None = None  # trains on another organisation's dataset through this grant
+
+
+class BatchStatus(StrEnum):
+    """OpenAI's batch states. validating -> in_progress -> finalizing -> completed; failed
+    (the input file is unusable), expired (the completion window passed), cancelling ->
+    cancelled."""
+
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    @property
+    def active(self) -> bool:
+        """A runner still has work to do on it."""
+        return self in _ACTIVE_BATCH
+
+
+_ACTIVE_BATCH = frozenset(
+    {
+        BatchStatus.VALIDATING,
+        BatchStatus.IN_PROGRESS,
+        BatchStatus.FINALIZING,
+        BatchStatus.CANCELLING,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A batch of API requests read from an uploaded JSONL file (OpenAI's Batch object).
+
+    Lines run as the key that created the batch (`key_id`), at background priority."""
+
+    id: str
+    org_id: str
+    project_id: str
+    key_id: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: BatchStatus
+    created_at: float
+    expires_at: float
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    errors: list[dict[str, Any]] | None = None  # why the input file was refused
+    metadata: dict[str, str] | None = None
+    in_progress_at: float | None = None
+    finalizing_at: float | None = None
+    completed_at: float | None = None
+    failed_at: float | None = None
+    expired_at: float | None = None
+    cancelling_at: float | None = None
+    cancelled_at: float | None = None
+    runner: str | None = None  # the claim token of the runner that holds it
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,12 +527,13 @@ class UsageRow:
     created_at: float
     grant_id: str | None = None  # the call used another organisation's object through it
     owner_org_id: str | None = None  # that object's owner
+    batch: bool = False  # a line of a batch (/v1/batches), billed at the batch discount
 
 
 @dataclass(frozen=True, slots=True)
 class UsageGroup:
     bucket: int  # index of the bucket from the summary's start
-    keys: dict[str, str | None]
+    keys: dict[str, str | bool | None]
     requests: int
     errors: int
     prompt_tokens: int

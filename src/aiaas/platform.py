@@ -25,6 +25,8 @@ from aiaas.observability.metrics import Metrics
 from aiaas.scheduling.batcher import BatcherConfig
 from aiaas.scheduling.fair import make_policy
 from aiaas.services.audit import AuditService
+from aiaas.services.batch_lines import BatchLines
+from aiaas.services.batches import BatchRunner, BatchRunnerConfig, BatchService
 from aiaas.services.bundles import BundleService
 from aiaas.services.datasets import DatasetService
 from aiaas.services.deployments import DeploymentService
@@ -96,7 +98,9 @@ class Platform:
     imports: ImportService
     explanations: ExplanationService
     privacy: PrivacyService
+    batches: BatchService
     runner: JobRunner | None = None
+    batch_runner: BatchRunner | None = None
 
     @classmethod
     def open(cls, settings: Settings) -> Platform:
@@ -136,6 +140,7 @@ class Platform:
                 flush_interval_s=settings.usage_flush_interval_s,
                 audit=audit,
                 audit_window_s=settings.audit_usage_window_s,
+                batch_discount=settings.batch_discount,
             ),
             metrics,
         )
@@ -196,6 +201,14 @@ class Platform:
             metrics,
         )
         grants.on_revoke(inference.withdraw_grant)
+        batches = BatchService(
+            db,
+            blobs,
+            files,
+            audit,
+            max_lines=settings.batch_max_lines,
+            max_line_bytes=settings.max_request_bytes,
+        )
         return cls(
             settings=settings,
             db=db,
@@ -245,6 +258,7 @@ class Platform:
             ),
             explanations=ExplanationService(db, blobs, audit, predictions, registry, jobs),
             privacy=PrivacyService(db, audit, cache_s=settings.auth_cache_s),
+            batches=batches,
         )
 
     def start_models(self) -> None:
@@ -274,6 +288,33 @@ class Platform:
         self.jobs.set_runner(runner.wake)
         runner.start()
         self.runner = runner
+
+    def start_batches(self) -> None:
+        """Work batches on the running event loop (the server only): their lines go through
+        this process's engines, behind interactive requests."""
+        runner = BatchRunner(
+            self.batches,
+            BatchLines(
+                inference=self.inference,
+                embeddings=self.embeddings,
+                predictions=self.predictions,
+                privacy=self.privacy,
+                metering=self.metering,
+            ),
+            self.keys,
+            BatchRunnerConfig(
+                concurrency=self.settings.batch_concurrency,
+                heartbeat_timeout_s=self.settings.job_heartbeat_timeout_s,
+            ),
+        )
+        runner.start()
+        self.batch_runner = runner
+
+    async def stop_batches(self) -> None:
+        """Stop working batches, keeping every finished line (before the engines close)."""
+        if self.batch_runner is not None:
+            await self.batch_runner.close()
+            self.batch_runner = None
 
     def bootstrap_admin_key(self) -> IssuedKey | None:
         """On the first start, create the operator's key and save it (mode 0600)."""

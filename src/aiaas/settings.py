@@ -205,6 +205,23 @@ class Settings(BaseSettings):
     usage_flush_interval_s: float = Field(
         default=1.0, gt=0, le=60, description="Most seconds usage records wait to be written."
     )
+    batch_discount: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Share of a batch line's tokens NOT counted toward monthly quotas "
+        "(0.5: a batch costs half, as OpenAI bills batches).",
+    )
+    batch_concurrency: int = Field(
+        default=32,
+        ge=1,
+        le=1024,
+        description="Lines of one batch in flight at once (they wait behind interactive "
+        "requests in the engines' queues).",
+    )
+    batch_max_lines: int = Field(
+        default=50_000, ge=1, description="Most requests one batch input file may hold."
+    )
     audit_usage_window_s: int = Field(
         default=60,
         ge=1,

@@ -192,3 +192,61 @@ def test_a_step_cut_short_for_a_quiet_tenant_is_sent_again(model: LlamaModel) ->
         for event in events[tenant]:
             assert isinstance(event, Final), event
             assert event.completion_tokens == new_tokens or event.finish_reason == "stop"
+
+
+def test_batch_lines_wait_behind_interactive_requests_and_leave_the_headroom(
+    model: LlamaModel,
+) -> None:
+    """Background requests (batch lines) are admitted only when no interactive request waits,
+    and never into the headroom: with only batch lines waiting, one slot stays free, so an
+    interactive request arriving then starts at once."""
+    engine = LlmEngine(
+        model,
+        EngineConfig(
+            n_slots=SLOTS,
+            n_ctx=4096,
+            context_length=512,
+            n_batch=256,
+            n_threads=2,
+            headroom_slots=1,
+        ),
+        name="smollm2",
+        policy=make_policy("fair"),
+    )
+    done = threading.Semaphore(0)
+    busy: list[int] = []
+
+    def sink(event: Event) -> None:
+        if isinstance(event, Final | Failed):
+            busy.append(engine.stats().busy_slots)
+            done.release()
+
+    prompt = model.tokenize("Once upon a time, in a quiet village,", add_special=True)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+
+    def request(tenant: str, background: bool):  # type: ignore[no-untyped-def]
+        return engine.request(
+            prompt,
+            params,
+            max_new_tokens=NEW_TOKENS,
+            sink=sink,
+            tenant=tenant,
+            background=background,
+        )
+
+    try:
+        # Submitted before the engine starts, batch lines first: the interactive ones still go
+        # first, in the policy's order.
+        for _ in range(8):
+            engine.submit(request("org#batch", True))
+        for _ in range(2):
+            engine.submit(request("web", False))
+        engine.start()
+        for _ in range(10):
+            assert done.acquire(timeout=120), "a request never finished"
+        order = engine.admission_order()
+        assert order[:2] == ["web", "web"], order
+        # With only batch lines left, at most SLOTS - 1 ran at once (sampled as each ended).
+        assert max(busy[2:]) <= SLOTS - 1, busy
+    finally:
+        engine.close()

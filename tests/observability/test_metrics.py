@@ -3,7 +3,14 @@ apart from the LLMs' tokens."""
 
 from __future__ import annotations
 
-from aiaas.engines.llm.params import EngineStats
+from dataclasses import replace
+
+from aiaas.engines.llm.params import (
+    STEP_SEQUENCE_BUCKETS,
+    STEP_TOKEN_BUCKETS,
+    EngineStats,
+    SizeTally,
+)
 from aiaas.observability.metrics import Metrics
 
 STATS = EngineStats(
@@ -79,3 +86,36 @@ def test_embedding_tokens_have_their_own_family() -> None:
 
 def _exposed(name: str, kind: str) -> str:
     return f"{name}_total" if kind == "counter" else name
+
+
+def test_step_sizes_are_histograms_per_model() -> None:
+    sequences, tokens = SizeTally(STEP_SEQUENCE_BUCKETS), SizeTally(STEP_TOKEN_BUCKETS)
+    for size in (1, 1, 3, 8, 100):  # 100: past every bound
+        sequences.observe(size)
+    for size in (1, 40, 512, 9000):
+        tokens.observe(size)
+    stats = replace(STATS, step_sequences=sequences.snapshot(), step_tokens=tokens.snapshot())
+    metrics = Metrics()
+    metrics.watch_engines(lambda: [("m", stats)])
+    lines = metrics.render().decode().splitlines()
+    assert "# TYPE aiaas_llm_step_sequences histogram" in lines
+    assert "# TYPE aiaas_llm_step_tokens histogram" in lines
+    for sample in (
+        'aiaas_llm_step_sequences_bucket{le="1",model="m"} 2.0',
+        'aiaas_llm_step_sequences_bucket{le="3",model="m"} 3.0',
+        'aiaas_llm_step_sequences_bucket{le="8",model="m"} 4.0',
+        'aiaas_llm_step_sequences_bucket{le="64",model="m"} 4.0',
+        'aiaas_llm_step_sequences_bucket{le="+Inf",model="m"} 5.0',
+        'aiaas_llm_step_sequences_count{model="m"} 5.0',
+        'aiaas_llm_step_sequences_sum{model="m"} 113.0',
+        'aiaas_llm_step_tokens_bucket{le="32",model="m"} 1.0',
+        'aiaas_llm_step_tokens_bucket{le="64",model="m"} 2.0',
+        'aiaas_llm_step_tokens_bucket{le="512",model="m"} 3.0',
+        'aiaas_llm_step_tokens_bucket{le="+Inf",model="m"} 4.0',
+        'aiaas_llm_step_tokens_sum{model="m"} 9553.0',
+    ):
+        assert sample in lines, sample
+    # An engine that has made no step yet (or none at all) shows the families, empty.
+    metrics = Metrics()
+    metrics.watch_engines(list)
+    assert "# TYPE aiaas_llm_step_tokens histogram" in metrics.render().decode().splitlines()

@@ -89,3 +89,20 @@ def test_removed_items_never_come_out() -> None:
     assert len(policy) == 3
     assert _drain(policy) == a
     assert policy.peek() is None and len(policy) == 0
+
+
+def test_priority_policy_serves_interactive_work_first_and_counts_each_line() -> None:
+    from aiaas.scheduling.fair import PriorityPolicy, Ticket, make_policy
+
+    policy = make_policy("fair")
+    assert isinstance(policy, PriorityPolicy)
+    for i in range(3):
+        policy.push(Ticket(item=f"b{i}", tenant="org#batch", weight=1.0, cost=1.0, background=True))
+    policy.push(Ticket(item="i0", tenant="a", weight=1.0, cost=1.0))
+    policy.push(Ticket(item="i1", tenant="b", weight=1.0, cost=1.0))
+    assert (policy.waiting(background=True), policy.waiting(background=False)) == (3, 2)
+    assert policy.first(lambda t: t.tenant == "b").item == "i1"
+    assert policy.first(lambda t: t.background).item == "b0"
+    assert [policy.pop().item for _ in range(5)] == ["i0", "i1", "b0", "b1", "b2"]
+    policy.push(Ticket(item="b3", tenant="org#batch", weight=1.0, cost=1.0, background=True))
+    assert policy.remove("b3") and not policy.remove("b3") and len(policy) == 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +23,7 @@ from aiaas.errors import (
     PayloadTooLarge,
     ServerError,
 )
+from aiaas.protocol.validation import invalid_request
 
 log = logging.getLogger("aiaas.api")
 
@@ -65,54 +65,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(error)
 
 
-# Pydantic names the member of a union it tried ("str", "list[str]", "function-after[...]")
-# inside the location; those are types, not parameters.
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
-
-
-def _is_type_tag(part: str) -> bool:
-    return part in _TYPE_TAGS or ("[" in part and part.endswith("]"))
-
-
-def _param(loc: tuple[Any, ...]) -> str | None:
-    in_request = bool(loc) and loc[0] in {"body", "query", "path", "header"}
-    parts = [str(p) for p in loc[1:] if not _is_type_tag(str(p))] if in_request else []
-    if not parts:
-        return None
-    text = parts[0]
-    for part in parts[1:]:
-        text += f"[{part}]" if part.isdigit() else f".{part}"
-    return text
-
-
 def validation_error(exc: RequestValidationError) -> InvalidRequest:
     """The first problem, phrased the way OpenAI phrases it, naming the parameter."""
-    first = exc.errors()[0] if exc.errors() else {"type": "invalid", "loc": (), "msg": "invalid"}
-    kind, loc = first.get("type", ""), tuple(first.get("loc", ()))
-    param = _param(loc)
-    if kind == "json_invalid":
-        return InvalidRequest(
-            "We could not parse the JSON body of your request. The body must be valid JSON.",
-            code="invalid_json",
-        )
-    if kind == "extra_forbidden":
-        return InvalidRequest(
-            f"Unrecognized request argument supplied: {param}",
-            param=param,
-            code="unknown_parameter",
-        )
-    if kind == "missing":
-        if param is None:
-            return InvalidRequest("The request body is missing.", code="missing_body")
-        return InvalidRequest(
-            f"Missing required parameter: '{param}'.",
-            param=param,
-            code="missing_required_parameter",
-        )
-    where = f" for '{param}'" if param else ""
-    return InvalidRequest(
-        f"Invalid value{where}: {first.get('msg', 'invalid')}.", param=param, code="invalid_value"
-    )
+    return invalid_request(exc.errors())
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -16,7 +16,13 @@ from aiaas.api.deps import After, FilesReadDep, FilesWriteDep, PlatformDep, path
 from aiaas.api.multipart import StreamingForm
 from aiaas.domain import FilePurpose
 from aiaas.errors import InvalidRequest
-from aiaas.protocol.files import UPLOAD_BODY, FileDeleted, FileObject, PurposeName
+from aiaas.protocol.files import (
+    UPLOAD_BODY,
+    UPLOAD_PURPOSES,
+    FileDeleted,
+    FileObject,
+    PurposeName,
+)
 from aiaas.protocol.platform import ListResponse
 from aiaas.services.files import FileService
 from aiaas.services.privacy import PrivacyService
@@ -41,9 +47,12 @@ def _purpose(value: str | None) -> FilePurpose | None:
     if value is None:
         return None
     try:
-        return FilePurpose(value)
+        purpose = FilePurpose(value)
+        if purpose in UPLOAD_PURPOSES:
+            return purpose
+        raise ValueError(value)
     except ValueError:
-        choices = ", ".join(p.value for p in FilePurpose)
+        choices = ", ".join(p.value for p in UPLOAD_PURPOSES)
         raise InvalidRequest(
             f"Invalid purpose {value!r}; expected one of {choices}.", param="purpose"
         ) from None
@@ -121,7 +130,7 @@ def list_files(
 ) -> ListResponse[FileObject]:
     page = files.list(
         org_id=ctx.org_id,
-        purpose=_purpose(purpose),
+        purpose=FilePurpose(purpose) if purpose else None,
         after=after,
         limit=limit,
         newest_first=order == "desc",

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Response
 
 from aiaas.api.deps import InferenceCtxDep, PlatformDep, PredictionsDep, metered
-from aiaas.protocol.predictions import PredictionItem, PredictionRequest, PredictionResponse
+from aiaas.protocol.predictions import PredictionRequest, PredictionResponse
 from aiaas.services.metering import MeteredCall
 from aiaas.services.privacy import PrivacyService
 
@@ -33,25 +33,12 @@ async def predict(
         call.principal, body.texts, body.records
     )
     response.headers.update(screened.headers)
-    served, results = await predictions.predict(
+    return await predictions.respond(
         org_id=ctx.org_id,
-        name=body.model,
+        model=body.model,
         records=records,
         texts=texts,
         images=body.images,
         weight=ctx.principal.weight,
         call=call,
-    )
-    call.count(model=body.model, items=len(results))
-    version = served.routed.version
-    return PredictionResponse(
-        model=body.model,
-        model_version=version.version,
-        model_version_id=version.id,
-        registered_model=version.model_id,
-        canary=served.routed.canary,
-        data=[
-            PredictionItem(index=i, label=p.label, probabilities=p.probabilities, value=p.value)
-            for i, p in enumerate(results)
-        ],
     )

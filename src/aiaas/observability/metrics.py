@@ -15,7 +15,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from aiaas.engines.llm.params import EngineStats
+from aiaas.engines.llm.params import EngineStats, SizeCounts
 from aiaas.engines.llm.residency import ResidentModel
 from aiaas.scheduling.batcher import BATCH_SIZE_BUCKETS, BatcherStats
 
@@ -218,8 +218,26 @@ _ENGINE_FAMILIES = (
 )
 
 
+# The size of each decode step, as histograms (llama.cpp's server reports the mean of the first
+# as `n_busy_slots_per_decode`): how full the engine's batches are.
+_STEP_HISTOGRAMS = (
+    (
+        "aiaas_llm_step_sequences",
+        "Sequences (slots) with tokens in one decode step.",
+        attrgetter("step_sequences"),
+    ),
+    (
+        "aiaas_llm_step_tokens",
+        "Tokens in one decode step: each decoding slot's next token and its guesses, plus "
+        "prompt chunks.",
+        attrgetter("step_tokens"),
+    ),
+)
+
+
 class _EngineCollector(Collector):
-    """Every family in `_ENGINE_FAMILIES`, one sample per engine (labelled by its model)."""
+    """Every family in `_ENGINE_FAMILIES`, one sample per engine (labelled by its model), and
+    the step-size histograms."""
 
     def __init__(self, source: Callable[[], Iterable[tuple[str, EngineStats]]]) -> None:
         self._source = source
@@ -228,11 +246,30 @@ class _EngineCollector(Collector):
         families = [
             (spec, spec.kind(spec.name, spec.help, labels=["model"])) for spec in _ENGINE_FAMILIES
         ]
+        histograms = [
+            (read, HistogramMetricFamily(name, doc, labels=["model"]))
+            for name, doc, read in _STEP_HISTOGRAMS
+        ]
         for model, stats in self._source():
             for spec, family in families:
                 family.add_metric([model], spec.read(stats))
+            for read, histogram in histograms:
+                sizes: SizeCounts = read(stats)
+                if sizes.counts:
+                    histogram.add_metric([model], _cumulative(sizes), sum_value=sizes.total)
         for _, family in families:
             yield family
+        for _, histogram in histograms:
+            yield histogram
+
+
+def _cumulative(sizes: SizeCounts) -> list[tuple[str, float]]:
+    """Prometheus buckets (`le` bound, steps at most that size) from per-bucket counts."""
+    buckets, running = [], 0
+    for bound, count in zip((*map(str, sizes.bounds), "+Inf"), sizes.counts, strict=True):
+        running += count
+        buckets.append((bound, float(running)))
+    return buckets
 
 
 class _PoolCollector(Collector):

@@ -8,7 +8,9 @@ from pydantic import BaseModel
 
 from aiaas.domain import FilePurpose, StoredFile
 
-PurposeName = Literal["fine-tune", "batch", "dataset", "user_data"]
+PurposeName = Literal["fine-tune", "batch", "batch_output", "dataset", "user_data"]
+# What a client may upload: `batch_output` files are written by batches only.
+UPLOAD_PURPOSES = [p for p in FilePurpose if p is not FilePurpose.BATCH_OUTPUT]
 
 # The multipart body, documented by hand: the route reads the body as a stream.
 UPLOAD_BODY: dict[str, Any] = {
@@ -21,7 +23,7 @@ UPLOAD_BODY: dict[str, Any] = {
                     "required": ["file", "purpose"],
                     "properties": {
                         "file": {"type": "string", "format": "binary"},
-                        "purpose": {"type": "string", "enum": [p.value for p in FilePurpose]},
+                        "purpose": {"type": "string", "enum": [p.value for p in UPLOAD_PURPOSES]},
                     },
                 }
             }

@@ -10,7 +10,9 @@ from aiaas.domain import UsageBucket, UsagePage
 
 # `grant_id` and `organization_id` (the caller billed) matter most with `shared=true`: the
 # owner's view of what its grants are used for, per grant and per grantee.
-GroupBy = Literal["model", "project_id", "api_key_id", "endpoint", "grant_id", "organization_id"]
+GroupBy = Literal[
+    "model", "project_id", "api_key_id", "endpoint", "grant_id", "organization_id", "batch"
+]
 
 
 class UsageResult(BaseModel):
@@ -27,6 +29,7 @@ class UsageResult(BaseModel):
     endpoint: str | None = None
     grant_id: str | None = None
     organization_id: str | None = None
+    batch: bool | None = None
 
 
 class UsageBucketPublic(BaseModel):

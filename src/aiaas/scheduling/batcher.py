@@ -187,10 +187,18 @@ class DynamicBatcher(Generic[In, Out]):
     # -- the public doors ----------------------------------------------------------------------
 
     async def submit(
-        self, items: Sequence[In], *, tenant: str = "-", weight: float = 1.0
+        self,
+        items: Sequence[In],
+        *,
+        tenant: str = "-",
+        weight: float = 1.0,
+        background: bool = False,
     ) -> list[Out]:
         """Results for exactly `items`, in order. 429 when the queue is full; cancelling the
-        awaiting task withdraws the items that have not run yet."""
+        awaiting task withdraws the items that have not run yet.
+
+        `background` (a batch line) waits behind every interactive request and may fill only
+        half the queue, so a batch never makes an interactive request a 429."""
         if not items:
             return []
         self._check_sizes(sizes := [self._size(item) for item in items])
@@ -207,13 +215,22 @@ class DynamicBatcher(Generic[In, Out]):
         with self._cond:
             if self._state is not _State.RUNNING:
                 raise ServiceUnavailable(f"{self.name} is not running")
-            if self._waiting_items + len(items) > self.config.max_queued_items:
+            limit = self.config.max_queued_items // (2 if background else 1)
+            if self._waiting_items + len(items) > limit and not (
+                background and not self._waiting_items  # a big line still runs when alone
+            ):
                 raise RateLimited(
                     f"{self.name} has {self._waiting_items} items waiting "
-                    f"(limit {self.config.max_queued_items}); try again soon.",
+                    f"(limit {limit}); try again soon.",
                     retry_after=self.config.retry_after_s,
                 )
-            ticket = Ticket(item=request, tenant=tenant, weight=weight, cost=float(sum(sizes)))
+            ticket = Ticket(
+                item=request,
+                tenant=tenant,
+                weight=weight,
+                cost=float(sum(sizes)),
+                background=background,
+            )
             self._policy.push(ticket)
             self._waiting_items += len(items)
             self._waiting_size += sum(sizes)

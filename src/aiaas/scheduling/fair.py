@@ -5,6 +5,10 @@ item; they never reorder work themselves. Every item carries its tenant and the 
 so a fair policy can interleave tenants. `FifoPolicy` is first come, first served;
 `WeightedFairPolicy` shares capacity between tenants in proportion to their weights.
 Callers serialise access (the engine holds its lock around every call).
+
+Work comes in two classes: interactive (a client waits on it) and background (a line of a
+batch). `make_policy` gives a `PriorityPolicy`: background items go only when no interactive
+item waits, and each class is fair between tenants on its own.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class Ticket(Generic[T]):
     tenant: str
     weight: float
     cost: float  # expected work, e.g. prompt plus max new tokens
+    background: bool = False  # a batch line: runs only when no interactive item waits
 
 
 class AdmissionPolicy(Protocol[T]):
@@ -158,9 +163,52 @@ class WeightedFairPolicy(Generic[T]):
         return self._size
 
 
+class PriorityPolicy(Generic[T]):
+    """Interactive items strictly before background ones; each class in its own policy.
+
+    `first(accept)` looks at the interactive line first, so an engine keeping a slot for a
+    quiet tenant finds that tenant's interactive request before any batch line.
+    """
+
+    def __init__(self, interactive: AdmissionPolicy[T], background: AdmissionPolicy[T]) -> None:
+        self._interactive = interactive
+        self._background = background
+
+    def _line(self, ticket: Ticket[T]) -> AdmissionPolicy[T]:
+        return self._background if ticket.background else self._interactive
+
+    def push(self, ticket: Ticket[T]) -> None:
+        self._line(ticket).push(ticket)
+
+    def peek(self) -> Ticket[T] | None:
+        ticket = self._interactive.peek()
+        return ticket if ticket is not None else self._background.peek()
+
+    def pop(self) -> Ticket[T]:
+        return self._interactive.pop() if len(self._interactive) else self._background.pop()
+
+    def first(self, accept: Callable[[Ticket[T]], bool]) -> Ticket[T] | None:
+        found = self._interactive.first(accept)
+        return found if found is not None else self._background.first(accept)
+
+    def remove(self, item: T) -> bool:
+        return self._interactive.remove(item) or self._background.remove(item)
+
+    def waiting(self, *, background: bool) -> int:
+        return len(self._background if background else self._interactive)
+
+    def __len__(self) -> int:
+        return len(self._interactive) + len(self._background)
+
+
 SchedulingMode = Literal["fair", "fifo"]
 
 
 def make_policy(mode: SchedulingMode) -> AdmissionPolicy[T]:
-    """A fresh policy: weighted fair between tenants, or first come, first served."""
-    return WeightedFairPolicy() if mode == "fair" else FifoPolicy()
+    """A fresh policy: interactive before background work, and within each class weighted
+    fair between tenants, or first come, first served."""
+
+    def line() -> AdmissionPolicy[T]:
+        return WeightedFairPolicy() if mode == "fair" else FifoPolicy()
+
+    return PriorityPolicy(line(), line())

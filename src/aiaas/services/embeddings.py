@@ -219,7 +219,9 @@ class EmbeddingService:
         else:
             ids = await asyncio.to_thread(_token_ids, loaded, items)
         org = principal.org_id or "platform"
-        vectors = await loaded.batcher.submit(ids, tenant=org, weight=principal.weight)
+        vectors = await loaded.batcher.submit(
+            ids, tenant=org, weight=principal.weight, background=call.background
+        )
         matrix = np.stack(vectors).astype(np.float32, copy=False)
         if request.dimensions is not None and request.dimensions < dimension:
             matrix = _truncate(matrix, request.dimensions)

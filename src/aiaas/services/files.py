@@ -108,7 +108,8 @@ class FileService:
         assert upload.blob is not None, "receive() first"
         if purpose is FilePurpose.FINE_TUNE and upload.validated_as is not purpose:
             # The purpose field came after the file in the form: check the stored bytes now.
-            ChatJsonlValidator().wrap(self._blobs.open(upload.blob_key)).close()
+            for _chunk in ChatJsonlValidator().wrap(self._blobs.open(upload.blob_key)):
+                pass  # wrap checks each line as it passes, and the end
         with self._db.write() as conn:
             stored = files_repo.publish(
                 conn,

@@ -308,8 +308,11 @@ class InferenceService:
                             seeded,
                             max_new_tokens=max_new,
                             sink=mailbox.sink(gens.queue, index),
-                            tenant=org,
+                            # A batch's lines are a tenant of their own: the org's interactive
+                            # requests are then "quiet" and find the headroom kept for them.
+                            tenant=f"{org}#batch" if call.background else org,
                             weight=principal.weight,
+                            background=call.background,
                         )
                     )
             return built

@@ -202,6 +202,17 @@ class KeyService:
             )
         return principal
 
+    def principal_of(self, key_id: str) -> Principal:
+        """The principal of a live key, by id (work a key started on its owner's behalf, e.g. a
+        batch, runs as it): 401 AuthenticationFailed once it is revoked, expired or archived."""
+        with self._db.read() as conn:
+            found = keys_repo.get_for_auth(conn, key_id)
+            if found is None:
+                raise AuthenticationFailed("This API key no longer exists.")
+            key = found[0]
+            org, project = self._check_live(conn, key)
+        return _principal(key, org, project)
+
     def cached(self, token: str | None) -> Principal | None:
         """The principal of a recently verified key, from memory only (None: ask `authenticate`).
         Cheap enough for the event loop."""

@@ -38,6 +38,9 @@ class MeteredCall:
     # minute, in its audit log), and the admission of the grant's own cap.
     grant: Grant | None = None
     grant_admission: Admission | None = None
+    # A line of a batch: its engine work waits behind interactive requests, and its usage is
+    # flagged (and discounted in quotas).
+    background: bool = False
 
     @property
     def org_id(self) -> str:
@@ -117,6 +120,7 @@ class Metering:
             created_at=call.created_at,
             grant_id=call.grant.id if call.grant else None,
             owner_org_id=call.grant.org_id if call.grant else None,
+            batch=call.background,
         )
         self.meter.record(row)
         labels = {"org": call.org_id, "model": call.model, "endpoint": call.endpoint}

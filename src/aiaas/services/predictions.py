@@ -26,6 +26,7 @@ from aiaas.engines.classic.pool import ClassicPool, LoadedClassic, ServedModel
 from aiaas.errors import InvalidRequest
 from aiaas.observability.metrics import Metrics
 from aiaas.protocol.oip import InferenceRequest
+from aiaas.protocol.predictions import PredictionItem, PredictionResponse
 from aiaas.scheduling.batcher import BatcherStats
 from aiaas.services.deployments import DeploymentService, Routed
 from aiaas.services.metering import MeteredCall, Metering
@@ -118,9 +119,50 @@ class PredictionService:
         model = served.loaded.model
         rows = records if records is not None else records_from(model, texts, images)
         inputs = await served.loaded.encode_records(rows)
-        logits = await served.loaded.infer(inputs, tenant=org_id, weight=weight)
+        logits = await served.loaded.infer(
+            inputs,
+            tenant=org_id,
+            weight=weight,
+            background=call is not None and call.background,
+        )
         self._count(served, org_id, "predictions", len(logits))
         return served, model.interpret(logits)
+
+    async def respond(
+        self,
+        *,
+        org_id: str,
+        model: str,
+        records: list[dict[str, object]] | None,
+        texts: list[str] | None,
+        images: list[str] | None,
+        weight: float,
+        call: MeteredCall,
+    ) -> PredictionResponse:
+        """`/v1/predictions`' answer (the route's and a batch line's): predictions of the
+        version that answered, counted on the call."""
+        served, results = await self.predict(
+            org_id=org_id,
+            name=model,
+            records=records,
+            texts=texts,
+            images=images,
+            weight=weight,
+            call=call,
+        )
+        call.count(model=model, items=len(results))
+        version = served.routed.version
+        return PredictionResponse(
+            model=model,
+            model_version=version.version,
+            model_version_id=version.id,
+            registered_model=version.model_id,
+            canary=served.routed.canary,
+            data=[
+                PredictionItem(index=i, label=p.label, probabilities=p.probabilities, value=p.value)
+                for i, p in enumerate(results)
+            ],
+        )
 
     def _count(self, served: Served, org_id: str, route: str, rows: int) -> None:
         self._metrics.predictions.labels(

@@ -57,13 +57,15 @@ def counts_toward_quota(row: UsageRow) -> bool:
     return row.status < 400
 
 
-def cost_of(row: UsageRow) -> int:
-    """Tokens a request costs: prompt plus completion, or its items where it has no tokens."""
+def cost_of(row: UsageRow, batch_discount: float = 0.0) -> int:
+    """Tokens a request costs: prompt plus completion, or its items where it has no tokens;
+    a batch line costs `1 - batch_discount` of that (rounded up)."""
     tokens = row.prompt_tokens + row.completion_tokens
-    return tokens if tokens else row.items
+    cost = tokens if tokens else row.items
+    return math.ceil(cost * (1.0 - batch_discount)) if row.batch else cost
 
 
-def _add(sums: Sums, row: UsageRow) -> None:
+def _add(sums: Sums, row: UsageRow, batch_discount: float) -> None:
     """Count a row toward its organisation's month and, for a call through a grant, toward the
     grant's month too (its `monthly_tokens` cap): the totals are keyed by org or grant id."""
     if counts_toward_quota(row):
@@ -71,7 +73,7 @@ def _add(sums: Sums, row: UsageRow) -> None:
             if subject is not None:
                 found = sums[subject, month_of(row.created_at)]
                 found[0] += 1
-                found[1] += cost_of(row)
+                found[1] += cost_of(row, batch_discount)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +109,12 @@ class UsageMeter:
         max_pending: int = 1000,
         audit: AuditService | None = None,
         audit_window_s: int = 60,
+        batch_discount: float = 0.0,
     ) -> None:
-        """With `audit`, calls through grants are audited per grant and `audit_window_s`."""
+        """With `audit`, calls through grants are audited per grant and `audit_window_s`.
+        Batch lines count `1 - batch_discount` of their tokens toward monthly quotas."""
         self._db = db
+        self._batch_discount = batch_discount
         self._audit = audit
         self._audit_window_s = audit_window_s
         # Counts of the grant calls already written whose window's event is not: only the
@@ -139,7 +144,7 @@ class UsageMeter:
         """Queue a record (cheap: no I/O)."""
         with self._lock:
             self._pending.append(row)
-            _add(self._pending_sums, row)
+            _add(self._pending_sums, row, self._batch_discount)
             full = len(self._pending) >= self._max_pending
         if full:
             self._wake.set()
@@ -217,7 +222,7 @@ class UsageMeter:
                 with self._lock:  # put them back in front, in order
                     self._pending = batch + self._pending
                     for row in batch:
-                        _add(self._pending_sums, row)
+                        _add(self._pending_sums, row, self._batch_discount)
                     self._writing, self._writing_sums = [], defaultdict(lambda: [0, 0])
                 raise
             for key in ended:
@@ -250,7 +255,7 @@ class UsageMeter:
     def _write(self, batch: Sequence[UsageRow], ended: GrantWindows | None = None) -> None:
         monthly: Sums = defaultdict(lambda: [0, 0])
         for row in batch:
-            _add(monthly, row)
+            _add(monthly, row, self._batch_discount)
         with self._db.write() as conn:
             if batch:
                 usage_repo.insert_records(conn, batch)

@@ -394,6 +394,8 @@ usage_records = Table(
     # caller, `org_id`, is billed; the owner reads what its shares are used for).
     Column("grant_id", String(64), nullable=True),
     Column("owner_org_id", String(64), nullable=True),
+    # A line of a batch: shown apart in summaries, counted at the batch discount in quotas.
+    Column("batch", Integer, nullable=False, default=0, server_default="0"),
     Index("ix_usage_records_org_id_created_at", "org_id", "created_at"),
     Index("ix_usage_records_owner_org_id_created_at", "owner_org_id", "created_at"),
 )
@@ -426,4 +428,63 @@ privacy_policies = Table(
     Column("updated_by", String(64), nullable=True),
     Column("updated_at", Float, nullable=False),
     UniqueConstraint("org_id", "project_id", name="uq_privacy_policies_org_id_project_id"),
+)
+
+# Batches (OpenAI's /v1/batches): the input file's lines run as the creating key at background
+# priority; a runner holds a batch by `runner` + `heartbeat_at` (a dead runner's batch is taken
+# over). `errors` and `user_metadata` are JSON.
+batches = Table(
+    "batches",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("org_id", String(64), ForeignKey("organizations.id"), nullable=False),
+    Column("project_id", String(64), ForeignKey("projects.id"), nullable=False),
+    Column("key_id", String(64), nullable=False),
+    Column("endpoint", String(64), nullable=False),
+    Column("input_file_id", String(64), nullable=False),
+    Column("completion_window", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("total", Integer, nullable=False, default=0),
+    Column("completed", Integer, nullable=False, default=0),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("input_tokens", BigInteger, nullable=False, default=0),
+    Column("output_tokens", BigInteger, nullable=False, default=0),
+    Column("cached_tokens", BigInteger, nullable=False, default=0),
+    Column("output_file_id", String(64), nullable=True),
+    Column("error_file_id", String(64), nullable=True),
+    Column("errors", Text, nullable=True),
+    Column("user_metadata", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("in_progress_at", Float, nullable=True),
+    Column("finalizing_at", Float, nullable=True),
+    Column("completed_at", Float, nullable=True),
+    Column("failed_at", Float, nullable=True),
+    Column("expired_at", Float, nullable=True),
+    Column("cancelling_at", Float, nullable=True),
+    Column("cancelled_at", Float, nullable=True),
+    Column("runner", String(128), nullable=True),
+    Column("heartbeat_at", Float, nullable=True),
+    Index("ix_batches_org_id_seq", "org_id", "seq"),
+    Index("ix_batches_status_seq", "status", "seq"),
+)
+
+# A batch's finished lines, written in parts as they finish: each part is one encrypted blob
+# (JSON Lines of results) and this row, inserted after the blob is whole, lists its line numbers
+# and counts; a restart skips the lines the rows name. Removed once the batch's files exist.
+batch_parts = Table(
+    "batch_parts",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("batch_id", String(64), ForeignKey("batches.id"), nullable=False),
+    Column("part", Integer, nullable=False),
+    Column("blob_key", String(256), nullable=False),
+    Column("lines", Text, nullable=False),  # JSON list of the line numbers it holds
+    Column("completed", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("output_tokens", BigInteger, nullable=False),
+    Column("cached_tokens", BigInteger, nullable=False),
+    UniqueConstraint("batch_id", "part", name="uq_batch_parts_batch_id_part"),
 )

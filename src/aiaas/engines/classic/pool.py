@@ -57,15 +57,22 @@ class LoadedClassic:
     _guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     async def infer(
-        self, inputs: dict[str, np.ndarray], *, tenant: str, weight: float
+        self,
+        inputs: dict[str, np.ndarray],
+        *,
+        tenant: str,
+        weight: float,
+        background: bool = False,
     ) -> np.ndarray:
         """Logits float32 [n, n_outputs]; the rows go through the batcher, merged with other
-        requests' rows."""
+        requests' rows (`background`: a batch's, behind every interactive request)."""
         self.model.check_inputs(inputs)
         columns = [inputs[name] for name in self.model.input_names]
         rows: list[Row] = list(zip(*columns, strict=True))
         with self._pinned():
-            logits = await self.batcher.submit(rows, tenant=tenant, weight=weight)
+            logits = await self.batcher.submit(
+                rows, tenant=tenant, weight=weight, background=background
+            )
         return np.stack(logits)
 
     async def encode_records(self, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:

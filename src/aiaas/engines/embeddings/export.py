@@ -5,7 +5,8 @@ export lands in `<cache>/<name>-<hash>/`, where the hash covers every source fil
 graph, the tokeniser or the pooling, plus our export recipe. A changed source therefore gets a
 new directory instead of silently reusing a stale graph. The directory is built under a temporary
 name and renamed into place whole, so a crash mid-export never leaves a half-written model that a
-later start would trust.
+later start would trust; the partial folder such a crash leaves behind is removed by a later
+export call, at the next start (`engines/partials.py`: only folders whose builder is dead).
 
 Weights are read from safetensors only; a folder that has nothing but pickled weights is refused.
 """
@@ -18,11 +19,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from aiaas.engines import partials
 from aiaas.errors import ConfigurationError
 
 log = logging.getLogger("aiaas.engines.embeddings")
@@ -101,11 +102,10 @@ def export_sentence_encoder(model_dir: Path, cache_dir: Path, *, name: str) -> E
     layout = _read_layout(model_dir)
     digest = source_hash(model_dir)
     target = cache_dir / f"{name}-{digest[:16]}"
+    partials.sweep(cache_dir)  # what an export killed mid-way (kill -9, power cut) left behind
     if (target / MANIFEST).is_file():
         return load_export(target)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=cache_dir))
-    try:
+    with partials.staging_dir(cache_dir, target.name) as staging:
         log.info("exporting %s to ONNX into %s (once per source)", model_dir, target)
         _build(model_dir, layout, digest, staging)
         try:
@@ -114,9 +114,7 @@ def export_sentence_encoder(model_dir: Path, cache_dir: Path, *, name: str) -> E
             if not (target / MANIFEST).is_file():
                 raise
             # Another process finished the same export first; its copy is as good as ours.
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    partials.sweep(cache_dir)  # one left by a kill moments before this start is older now
     return load_export(target)
 
 

@@ -42,6 +42,8 @@ from aiaas.engines.llm.head import OutputHead, start_head
 from aiaas.engines.llm.interrupt import ABORTED, StepInterrupt
 from aiaas.engines.llm.model import LlamaModel
 from aiaas.engines.llm.params import (
+    STEP_SEQUENCE_BUCKETS,
+    STEP_TOKEN_BUCKETS,
     Delta,
     EngineStats,
     Event,
@@ -49,6 +51,7 @@ from aiaas.engines.llm.params import (
     Final,
     FinishReason,
     SamplingParams,
+    SizeTally,
     TokenLogprob,
 )
 from aiaas.engines.llm.prefix_cache import PrefixCache
@@ -108,6 +111,9 @@ class GenerationRequest:
     sink: Callable[[Event], None]
     tenant: str = "-"
     weight: float = 1.0
+    # A batch line: admitted only when no interactive request waits, and never into the
+    # headroom slots (they stay free for interactive requests).
+    background: bool = False
     cancelled: bool = False
     chain: SamplerChain | None = None  # built by `LlmEngine.request`, owned by the slot
 
@@ -167,6 +173,8 @@ class _Counters:
     draft_tokens: int = 0  # guesses sent with a slot's next token
     accepted_draft_tokens: int = 0  # guesses that sampling confirmed
     onnx_head_steps: int = 0  # steps whose output layer ONNX Runtime computed
+    step_sequences: SizeTally = field(default_factory=lambda: SizeTally(STEP_SEQUENCE_BUCKETS))
+    step_tokens: SizeTally = field(default_factory=lambda: SizeTally(STEP_TOKEN_BUCKETS))
     admissions: deque[str] = field(default_factory=lambda: deque(maxlen=4096))
 
 
@@ -311,6 +319,7 @@ class LlmEngine:
         sink: Callable[[Event], None],
         tenant: str = "-",
         weight: float = 1.0,
+        background: bool = False,
     ) -> GenerationRequest:
         """A request ready to submit; its sampler is built here, in the caller's thread, so a
         bad grammar or bias is a 400 before anything streams."""
@@ -326,35 +335,46 @@ class LlmEngine:
             sink=sink,
             tenant=tenant,
             weight=weight,
+            background=background,
             chain=chain,
         )
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request; 429 when the waiting line is full."""
         with self._cond:
-            if len(self._policy) >= self.config.max_waiting:
+            waiting = self._waiting(background=request.background)
+            if waiting >= self.config.max_waiting:
                 raise RateLimited(
-                    f"Model {self.name} has {len(self._policy)} requests waiting; try again soon.",
+                    f"Model {self.name} has {waiting} requests waiting; try again soon.",
                     retry_after=1,
                 )
-            self._seen[request.tenant] = time.monotonic()
+            if not request.background:  # the headroom is kept for interactive tenants only
+                self._seen[request.tenant] = time.monotonic()
             self._policy.push(
                 Ticket(
                     item=request,
                     tenant=request.tenant,
                     weight=request.weight,
                     cost=float(request.reserved_cells),
+                    background=request.background,
                 )
             )
             # A tenant with nothing running, with the headroom free for it: its request need
             # not wait for the step now running to end.
             if (
                 self._headroom
+                and not request.background
                 and not self._running[request.tenant]
                 and 0 < self._free_slots() <= self._headroom
             ):
                 self._interrupt.request()
             self._cond.notify()
+
+    def _waiting(self, *, background: bool) -> int:
+        """Requests waiting in one class (lock held): a batch filling its line never makes an
+        interactive request a 429."""
+        waiting = getattr(self._policy, "waiting", None)
+        return waiting(background=background) if waiting else len(self._policy)
 
     def cancel(self, request: GenerationRequest) -> None:
         """Stop a request: a waiting one leaves the line, a running one frees its slot next step."""
@@ -382,6 +402,8 @@ class LlmEngine:
                 draft_tokens=self._counters.draft_tokens,
                 accepted_draft_tokens=self._counters.accepted_draft_tokens,
                 onnx_head_steps=self._counters.onnx_head_steps,
+                step_sequences=self._counters.step_sequences.snapshot(),
+                step_tokens=self._counters.step_tokens.snapshot(),
             )
 
     def withdraw(self, request: GenerationRequest, message: str) -> bool:
@@ -443,17 +465,23 @@ class LlmEngine:
         The last `headroom` free slots are kept for tenants with nothing running, while one
         such tenant has been active lately: a busy tenant then waits for its own requests to
         end rather than take the slot a newcomer would otherwise wait a whole request for. When
-        every recent tenant has a request running, nobody is kept waiting and no slot is held."""
+        every recent tenant has a request running, nobody is kept waiting and no slot is held.
+        Background requests (batch lines) never take the headroom: the policy hands them out
+        only when no interactive request waits, and one arriving then finds its slot free."""
         for slot in [slot for slot in self._slots if slot.request is None]:
             ticket = self._policy.peek()
             if ticket is None:
                 return
             headroom = self._headroom > 0 and self._free_slots() <= self._headroom
+            if headroom and ticket.background:
+                return  # the policy holds no interactive request: keep the headroom for one
             if headroom and self._running[ticket.tenant]:
                 if not self._idle_tenant_besides(ticket.tenant):
                     headroom = False  # nobody to keep it for
                 else:
-                    ticket = self._policy.first(lambda t: not self._running[t.tenant])
+                    ticket = self._policy.first(
+                        lambda t: not t.background and not self._running[t.tenant]
+                    )
                     if ticket is None:
                         return  # keep the headroom for the idle tenant's next request
             if self._reserved + ticket.item.reserved_cells > self.config.n_ctx:
@@ -547,6 +575,8 @@ class LlmEngine:
                 slot.n_past = n_past
             return True
         self._counters.steps += 1
+        self._counters.step_sequences.observe(sum(s.n_past != p for s, p in before))
+        self._counters.step_tokens.observe(n)
         if status != 0:
             self._fail_all(f"llama_decode failed with status {status}")
             return False

@@ -7,6 +7,7 @@ them cheaply.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -86,6 +87,44 @@ class Failed:
 Event = Delta | Final | Failed
 
 
+# Bucket bounds of the decode-step sizes: sequences (slots) and tokens in one llama_decode.
+STEP_SEQUENCE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclass(frozen=True, slots=True)
+class SizeCounts:
+    """How many steps had each size: `counts[i]` those of at most `bounds[i]` (the last entry:
+    larger than every bound), and `total`, the sum of the sizes."""
+
+    bounds: tuple[int, ...]
+    counts: tuple[int, ...] = ()
+    total: int = 0
+
+    @property
+    def observed(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass(slots=True)
+class SizeTally:
+    """The engine thread's running tally behind a `SizeCounts` (plain numbers only)."""
+
+    bounds: tuple[int, ...]
+    counts: list[int] = field(default_factory=list)
+    total: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, size: int) -> None:
+        self.counts[bisect.bisect_left(self.bounds, size)] += 1
+        self.total += size
+
+    def snapshot(self) -> SizeCounts:
+        return SizeCounts(self.bounds, tuple(self.counts), self.total)
+
+
 @dataclass(frozen=True, slots=True)
 class EngineStats:
     """An engine's counts at one moment: its slots and line, and what it has done so far."""
@@ -105,3 +144,6 @@ class EngineStats:
     draft_tokens: int = 0
     accepted_draft_tokens: int = 0
     onnx_head_steps: int = 0
+    # Per llama_decode: the sequences (slots) with tokens in it, and its tokens (issue 29).
+    step_sequences: SizeCounts = SizeCounts(STEP_SEQUENCE_BUCKETS)
+    step_tokens: SizeCounts = SizeCounts(STEP_TOKEN_BUCKETS)

@@ -19,6 +19,7 @@ GROUP_COLUMNS = {
     "endpoint": usage_records.c.endpoint,
     "grant_id": usage_records.c.grant_id,
     "organization_id": usage_records.c.org_id,
+    "batch": usage_records.c.batch,
 }
 
 
@@ -28,7 +29,9 @@ def insert_records(conn: Connection, rows: Sequence[UsageRow]) -> None:
 
 
 def _values(row: UsageRow) -> dict[str, Any]:
-    return {name: getattr(row, name) for name in row.__slots__}
+    values = {name: getattr(row, name) for name in row.__slots__}
+    values["batch"] = int(row.batch)  # an integer column, as the schema's other flags
+    return values
 
 
 def add_monthly(conn: Connection, *, org_id: str, month: str, requests: int, tokens: int) -> None:
@@ -109,7 +112,7 @@ def summarize(
     return [
         UsageGroup(
             bucket=int(row.bucket),
-            keys={name: getattr(row, name) for name in group_by},
+            keys={name: _key(name, getattr(row, name)) for name in group_by},
             requests=int(row.requests),
             errors=int(row.errors or 0),
             prompt_tokens=int(row.prompt_tokens or 0),
@@ -118,3 +121,7 @@ def summarize(
         )
         for row in conn.execute(query)
     ]
+
+
+def _key(name: str, value: Any) -> str | bool | None:
+    return bool(value) if name == "batch" else value
