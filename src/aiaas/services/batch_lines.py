@@ -30,7 +30,13 @@ from aiaas.errors import (
     ServiceUnavailable,
 )
 from aiaas.ids import new_id
-from aiaas.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from aiaas.protocol.openai import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    EmbeddingRequest,
+)
 from aiaas.protocol.predictions import PredictionRequest
 from aiaas.protocol.validation import invalid_request
 from aiaas.services.embeddings import EmbeddingService
@@ -175,28 +181,14 @@ class BatchLines:
         _no_stream(body.stream)
         body, _ = await self.privacy.screen_chat(call.principal, body)
         gens = await self.inference.chat(call, body)
-        done = await ChatServing(body, gens, call).full(_never())
-        usage = done.usage
-        return _Answer(
-            done,
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0,
-        )
+        return _generated(await ChatServing(body, gens, call).full(_never()))
 
     async def _completion(self, call: MeteredCall, _org_id: str, raw: dict[str, Any]) -> _Answer:
         body = _parse(CompletionRequest, raw)
         _no_stream(body.stream)
         body, _ = await self.privacy.screen_completion(call.principal, body)
         gens = await self.inference.complete(call, body)
-        done = await CompletionServing(body, gens, call).full(_never())
-        usage = done.usage
-        return _Answer(
-            done,
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0,
-        )
+        return _generated(await CompletionServing(body, gens, call).full(_never()))
 
     async def _embeddings(self, call: MeteredCall, _org_id: str, raw: dict[str, Any]) -> _Answer:
         body = _parse(EmbeddingRequest, raw)
@@ -222,6 +214,15 @@ class BatchLines:
             call=call,
         )
         return _Answer(answer)
+
+
+def _generated(done: ChatCompletion | Completion) -> _Answer:
+    usage = done.usage
+    assert usage is not None  # a full (not streamed) answer always counts its tokens
+    details = usage.prompt_tokens_details
+    return _Answer(
+        done, usage.prompt_tokens, usage.completion_tokens, details.cached_tokens if details else 0
+    )
 
 
 def _parse(schema: type[M], raw: dict[str, Any]) -> M:

@@ -203,24 +203,15 @@ class JobService:
                 register_to=request.register_to,
                 grant_id=grant.id if grant else None,
             )
-            repo.add_event(
+            self._queued(
                 conn,
-                job_id=job_id,
-                message=(
+                actor,
+                job,
+                validated=(
                     f"Validated dataset version {version.id} ({train_rows} training rows): "
                     f"{resolved.task.value} of {resolved.target_column!r} with {request.model}."
                 ),
-            )
-            repo.add_event(conn, job_id=job_id, message="Job queued.")
-            self._audit.record(
-                conn,
-                actor=actor,
-                action="job.created",
-                target_type="job",
-                target_id=job_id,
-                org_id=org_id,
-                project_id=project_id,
-                data={
+                audit={
                     "model": request.model,
                     "dataset_version_id": version.id,
                     **({"grant_id": grant.id, "owner_org_id": grant.org_id} if grant else {}),
@@ -228,6 +219,24 @@ class JobService:
             )
         self._wake_runner()
         return job
+
+    def _queued(
+        self, conn: Connection, actor: Actor, job: Job, *, validated: str, audit: dict[str, Any]
+    ) -> None:
+        """A new job's first events (what was checked, then queued) and its audit event, in the
+        transaction that queues it."""
+        repo.add_event(conn, job_id=job.id, message=validated)
+        repo.add_event(conn, job_id=job.id, message="Job queued.")
+        self._audit.record(
+            conn,
+            actor=actor,
+            action="job.created",
+            target_type="job",
+            target_id=job.id,
+            org_id=job.org_id,
+            project_id=job.project_id,
+            data=audit,
+        )
 
     def _create_lora(
         self, *, org_id: str, project_id: str, actor: Actor, request: JobRequest
@@ -320,25 +329,16 @@ class JobService:
                 register_to=request.register_to,
             )
             also = f" and {valid_examples} in {validation.id}" if validation else ""
-            repo.add_event(
+            self._queued(
                 conn,
-                job_id=job_id,
-                message=(
+                actor,
+                job,
+                validated=(
                     f"Validated {examples} conversations in {training.id}{also}: LoRA "
                     f"(rank {hyper.lora_rank}, alpha {hyper.lora_alpha:g}, "
                     f"{', '.join(hyper.target_modules)}) on {request.model}."
                 ),
-            )
-            repo.add_event(conn, job_id=job_id, message="Job queued.")
-            self._audit.record(
-                conn,
-                actor=actor,
-                action="job.created",
-                target_type="job",
-                target_id=job_id,
-                org_id=org_id,
-                project_id=project_id,
-                data={
+                audit={
                     "model": request.model,
                     "method": "lora",
                     "training_file": training.id,
