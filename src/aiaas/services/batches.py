@@ -310,12 +310,16 @@ class BatchService:
     # -- the runner's writes -------------------------------------------------------------------
 
     def claim(self, runner: str, stale_before: float, limit: int) -> list[str]:
-        taken = []
+        with self._db.read() as conn:  # every second on every replica: a read, mostly
+            candidates = repo.claimable(conn, stale_before=stale_before, limit=limit)
+        if not candidates:
+            return []
         with self._db.write() as conn:
-            for batch_id in repo.claimable(conn, stale_before=stale_before, limit=limit):
-                if repo.claim(conn, batch_id=batch_id, runner=runner, stale_before=stale_before):
-                    taken.append(batch_id)
-        return taken
+            return [
+                batch_id
+                for batch_id in candidates
+                if repo.claim(conn, batch_id=batch_id, runner=runner, stale_before=stale_before)
+            ]
 
     def heartbeat(self, runner: str, batch_ids: list[str]) -> set[str]:
         with self._db.write() as conn:
