@@ -503,27 +503,24 @@ class _Execution:
     # -- sending lines ---------------------------------------------------------------------
 
     async def _send(self, batch: Batch, pending: list[Line]) -> None:
-        order = sorted(pending, key=lambda line: (line.prefix_key(batch.endpoint), line.number))
-        slots = asyncio.Semaphore(self.config.concurrency)
-        warm: dict[str, asyncio.Event] = {}
+        """Send the lines, at most `concurrency` in flight. Lines that share a prompt prefix form
+        a group: its first line runs alone, then the rest (they find the prefix cached). Groups
+        run side by side, so a group waiting on its first line never holds the others back."""
+        groups: dict[str, list[Line]] = {}
+        for line in sorted(pending, key=lambda x: (x.prefix_key(batch.endpoint), x.number)):
+            groups.setdefault(line.prefix_key(batch.endpoint), []).append(line)
+        slots = asyncio.Semaphore(self.config.concurrency)  # lines in flight
+        active = asyncio.Semaphore(self.config.concurrency)  # groups started, not yet done
         tasks: set[asyncio.Task[None]] = set()
         watcher = asyncio.get_running_loop().create_task(self._watch(batch))
         try:
-            for line in order:
+            for lines in groups.values():
+                await active.acquire()
                 if self.stop:
-                    break
-                key = line.prefix_key(batch.endpoint)
-                leader = key not in warm
-                if leader:
-                    warm[key] = asyncio.Event()
-                else:
-                    await warm[key].wait()  # the group's first line has left its prefix cached
-                await slots.acquire()
-                if self.stop:
-                    slots.release()
+                    active.release()
                     break
                 task = asyncio.get_running_loop().create_task(
-                    self._one(batch, line, slots, warm[key] if leader else None)
+                    self._group(batch, lines, slots, active)
                 )
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -539,9 +536,35 @@ class _Execution:
             # written lands, then the rest becomes one more part.
             await self._flush(batch)
 
-    async def _one(
-        self, batch: Batch, line: Line, slots: asyncio.Semaphore, warm: asyncio.Event | None
+    async def _group(
+        self,
+        batch: Batch,
+        lines: list[Line],
+        slots: asyncio.Semaphore,
+        active: asyncio.Semaphore,
     ) -> None:
+        followers: list[asyncio.Task[None]] = []
+        try:
+            await slots.acquire()
+            await self._one(batch, lines[0], slots)  # leaves the group's prefix cached
+            for line in lines[1:]:
+                await slots.acquire()
+                if self.stop:
+                    slots.release()
+                    break
+                followers.append(
+                    asyncio.get_running_loop().create_task(self._one(batch, line, slots))
+                )
+            await asyncio.gather(*followers)
+        finally:
+            for task in followers:
+                task.cancel()
+            await asyncio.gather(*followers, return_exceptions=True)
+            active.release()
+
+    async def _one(self, batch: Batch, line: Line, slots: asyncio.Semaphore) -> None:
+        """Run one line (its slot is taken) until it has an answer, retrying while the platform
+        says "busy"; the slot is given back at the end."""
         try:
             delay = 0.25
             while not self.stop:
@@ -567,8 +590,6 @@ class _Execution:
                 return
         finally:
             slots.release()
-            if warm is not None:
-                warm.set()
 
     async def _principal(self, batch: Batch) -> Principal | None:
         """The creating key's principal, re-read every few seconds: a revoked key stops the
