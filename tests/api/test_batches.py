@@ -323,6 +323,7 @@ def long_lines(n: int, prefix: str) -> list[dict[str, Any]]:
     ]
 
 
+@pytest.mark.slow
 def test_cancel_keeps_what_was_done_and_names_the_rest(batch_server: Server, owner: Org) -> None:
     api = client(batch_server, owner)
     lines = long_lines(150, "c")
@@ -342,6 +343,7 @@ def test_cancel_keeps_what_was_done_and_names_the_rest(batch_server: Server, own
     assert api.batches.cancel(batch.id).status == "cancelled"  # again: nothing changes
 
 
+@pytest.mark.slow
 def test_a_killed_server_resumes_its_batch_without_rerunning_finished_lines(
     batch_server: Server, owner: Org
 ) -> None:
