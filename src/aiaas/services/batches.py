@@ -343,19 +343,14 @@ class BatchService:
 
     def write_file(self, batch: Batch, name: str, records: list[dict[str, Any]]) -> str:
         """A JSON Lines file of purpose `batch_output` in the batch's project; its id."""
-        upload = self.files.begin(
+        return self.files.write(
             org_id=batch.org_id,
             project_id=batch.project_id,
             filename=f"{batch.id}_{name}.jsonl",
+            chunks=_jsonl(records),
+            purpose=FilePurpose.BATCH_OUTPUT,
             actor=SYSTEM,
-        )
-        try:
-            self.files.receive(upload, _jsonl(records), purpose=None)
-            stored = self.files.commit(upload, purpose=FilePurpose.BATCH_OUTPUT, actor=SYSTEM)
-        except BaseException:
-            self.files.abort(upload)
-            raise
-        return stored.id
+        ).id
 
     def visible_file(self, batch: Batch, file_id: str | None) -> bool:
         if file_id is None:

@@ -130,6 +130,26 @@ class FileService:
             )
         return stored
 
+    def write(
+        self,
+        *,
+        org_id: str,
+        project_id: str,
+        filename: str,
+        chunks: Iterable[bytes],
+        purpose: FilePurpose,
+        actor: Actor,
+    ) -> StoredFile:
+        """A file the platform writes itself (a job's result, a batch's output): the three
+        steps of an upload, with nothing left behind when one fails."""
+        upload = self.begin(org_id=org_id, project_id=project_id, filename=filename, actor=actor)
+        try:
+            self.receive(upload, chunks, purpose=None)
+            return self.commit(upload, purpose=purpose, actor=actor)
+        except BaseException:
+            self.abort(upload)
+            raise
+
     def abort(self, upload: Upload) -> None:
         """Forget a failed upload: its blob (if it got that far), then its row."""
         self._blobs.delete(upload.blob_key)

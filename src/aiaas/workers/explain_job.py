@@ -119,16 +119,14 @@ def _write(settings: Settings, storage: Storage, lease: JobLease, lines: list[by
     files = FileService(
         storage.db, storage.blobs, AuditService(storage.db), max_file_bytes=settings.max_file_bytes
     )
-    actor = Actor(type="job", id=job.id)
-    upload = files.begin(
-        org_id=job.org_id, project_id=job.project_id, filename=f"{job.id}.jsonl", actor=actor
-    )
-    try:
-        files.receive(upload, lines, purpose=None)
-        return files.commit(upload, purpose=FilePurpose.USER_DATA, actor=actor).id
-    except BaseException:
-        files.abort(upload)
-        raise
+    return files.write(
+        org_id=job.org_id,
+        project_id=job.project_id,
+        filename=f"{job.id}.jsonl",
+        chunks=lines,
+        purpose=FilePurpose.USER_DATA,
+        actor=Actor(type="job", id=job.id),
+    ).id
 
 
 def _stop(storage: Storage, lease: JobLease, stop: Stop) -> None:
