@@ -17,6 +17,7 @@ import torch
 
 from aiaas.domain import Job, JobControl, JobStatus
 from aiaas.errors import ApiError
+from aiaas.ids import new_id
 from aiaas.settings import Settings
 from aiaas.storage.process import Storage
 from aiaas.storage.repos import jobs as repo
@@ -87,6 +88,41 @@ class JobLease:
                     type=type,
                     data=data,
                 )
+
+    def store_checkpoint(
+        self,
+        data: bytes,
+        *,
+        epoch: int,
+        step: int,
+        metrics: dict[str, Any] | None,
+        event: tuple[str, dict[str, Any]] | None,
+        progress: dict[str, Any],
+    ) -> None:
+        """Keep a checkpoint: its blob, then its row (with the epoch's event, and the job's
+        progress when it ends an epoch) in one transaction, then drop the checkpoints it
+        supersedes. A worker that lost the job drops its own blob instead and marks `lost`."""
+        job, blobs = self.job, self.storage.blobs
+        key = f"jobs/{job.org_id}/{job.id}/{new_id('checkpoint')}.safetensors"
+        info = blobs.put(job.org_id, key, [data])
+        with self.storage.db.write() as conn:
+            superseded = repo.add_checkpoint(
+                conn,
+                job_id=job.id,
+                worker=self.token,
+                epoch=epoch,
+                step=step,
+                metrics=metrics,
+                blob_key=key,
+                size=info.size,
+                event=event,
+            )
+            if superseded is not None and metrics is not None:
+                repo.set_progress(conn, job_id=job.id, worker=self.token, **progress)
+        for old in superseded if superseded is not None else [key]:
+            blobs.delete(old)
+        if superseded is None:
+            self.lost = True
 
     def requeue(self, message: str) -> None:
         with self.storage.db.write() as conn:

@@ -27,7 +27,7 @@ from aiaas import __version__
 from aiaas.domain import Actor, JobControl, JobStatus, ModelVersion
 from aiaas.engines.llm.bundled import BUNDLED_GGUF
 from aiaas.errors import InvalidRequest
-from aiaas.ids import new_id, now
+from aiaas.ids import now
 from aiaas.services.audit import AuditService
 from aiaas.services.registry import NewVersion, RegistryService
 from aiaas.settings import Settings
@@ -193,33 +193,18 @@ class _Control:
         self, data: bytes, *, epoch: int, step: int, metrics: EpochMetrics | None
     ) -> None:
         self._last_checkpoint = time.monotonic()
-        job, blobs = self._lease.job, self._lease.storage.blobs
-        key = f"jobs/{job.org_id}/{job.id}/{new_id('checkpoint')}.safetensors"
-        info = blobs.put(job.org_id, key, [data])
-        with self._lease.storage.db.write() as conn:
-            superseded = repo.add_checkpoint(
-                conn,
-                job_id=job.id,
-                worker=self._lease.token,
-                epoch=epoch,
-                step=step,
-                metrics=_epoch_data(metrics) if metrics else None,
-                blob_key=key,
-                size=info.size,
-                event=(
-                    (_epoch_message(metrics, self._n_epochs), _epoch_event(metrics, self._n_epochs))
-                    if metrics
-                    else None
-                ),
-            )
-            if superseded is not None and metrics is not None:
-                repo.set_progress(
-                    conn, job_id=job.id, worker=self._lease.token, epoch=epoch, step=step
-                )
-        for old in superseded if superseded is not None else [key]:
-            blobs.delete(old)
-        if superseded is None:
-            self._lease.lost = True
+        self._lease.store_checkpoint(
+            data,
+            epoch=epoch,
+            step=step,
+            metrics=_epoch_data(metrics) if metrics else None,
+            event=(
+                (_epoch_message(metrics, self._n_epochs), _epoch_event(metrics, self._n_epochs))
+                if metrics
+                else None
+            ),
+            progress={"epoch": epoch, "step": step},
+        )
 
 
 def _epoch_data(metrics: EpochMetrics) -> dict[str, Any]:
